@@ -1,0 +1,71 @@
+# The two commands a newcomer needs: `make train` and `make test`. Everything else is optional.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT  ?= python3
+VENV         ?= .venv
+PY           := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+DATA_DIR     ?= data/stdlib
+CONFIG       ?= configs/tiny_cpu.json
+ARGS         ?=
+
+# One process per GPU; on a CPU box two ranks exercise DDP without oversubscribing small machines.
+NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); if [ "$$n" -gt 0 ] 2>/dev/null; then echo $$n; else echo 2; fi)
+
+# PyPI's Linux torch wheel is the CUDA build: take it where an NVIDIA GPU is present, and the
+# CPU build from PyTorch's CPU index elsewhere (several GB smaller). macOS wheels are CPU/MPS.
+HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAS_NVIDIA),yes)
+  TORCH_INDEX :=
+else ifeq ($(shell uname -s),Linux)
+  TORCH_INDEX := --extra-index-url https://download.pytorch.org/whl/cpu
+else
+  TORCH_INDEX :=
+endif
+
+.PHONY: help setup data train test bench bench-quick tensorboard checkpoints resume clean-venv
+
+help:
+	@echo "make train        set up, prepare the default data, train the tiny model with torchrun"
+	@echo "make test         run the test suite"
+	@echo "make setup        create $(VENV) with torch $(TORCH_VERSION) ($(if $(HAS_NVIDIA),CUDA,CPU) build) and the project"
+	@echo "make data         prepare the embedded stdlib corpus into $(DATA_DIR)"
+	@echo "make bench        measure overheads and throughput, write docs/BENCHMARKS.md"
+	@echo "make tensorboard  start TensorBoard on logs/ and print the SSH tunnel line"
+	@echo "make checkpoints  list checkpoints with step, val loss and validity"
+	@echo "make resume       resume the last run (ARGS='--max_steps 2000' to pass flags)"
+
+# Stamp file: setup reruns only when the dependency list changes.
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' else 1)" 2>/dev/null \
+	  || $(PY) -m pip install --retries 1 --timeout 30 "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+data: setup
+	@test -f $(DATA_DIR)/meta.json && $(PY) -c "import json,sys; m=json.load(open('$(DATA_DIR)/meta.json')); sys.exit(0 if m.get('complete') else 1)" \
+	  || $(PY) src/prepare_data.py --dataset stdlib --out $(DATA_DIR)
+
+train: data
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) src/train_improved.py --config $(CONFIG) --data_dir $(DATA_DIR) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run_bench.py $(ARGS)
+
+tensorboard: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash shell/start_tensorboard.sh $(ARGS)
+
+checkpoints:
+	bash shell/list_checkpoints.sh $(ARGS)
+
+resume: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash shell/resume_training.sh $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,35 @@
+"""User-facing failures: one clear line on stderr and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, NoReturn
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing data, nothing to resume).
+
+    The message is one line that names the problem and the fix.
+    """
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_cli(main: Callable[[], int | None]) -> NoReturn:
+    """Run an entry point, turning UserError into one line and exit status 2.
+
+    Under torchrun every rank hits the same mistake; only rank 0 prints it so the user sees
+    the line once (torchrun then adds its own summary of the failed workers).
+    """
+    try:
+        code = main()
+    except UserError as err:
+        if _is_main_rank():
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "error"
+            print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    sys.exit(code or 0)
