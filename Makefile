@@ -50,7 +50,7 @@ data: setup
 	  || $(PY) src/prepare_data.py --dataset stdlib --out $(DATA_DIR)
 
 train: data
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) src/train_improved.py --config $(CONFIG) --data_dir $(DATA_DIR) $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) src/train_improved.py --config $(CONFIG) --data_dir $(DATA_DIR) --resume auto $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

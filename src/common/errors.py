@@ -1,4 +1,7 @@
-"""User-facing failures: one clear line on stderr and exit status 2, never a traceback."""
+"""User-facing failures: one clear line on stderr, never a traceback.
+
+A user's mistake exits with status 2; a run that cannot go on (NaN loss, failed write) with 1.
+"""
 from __future__ import annotations
 
 import os
@@ -6,6 +9,7 @@ import sys
 from typing import Callable, NoReturn
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 
 
 class UserError(Exception):
@@ -13,6 +17,10 @@ class UserError(Exception):
 
     The message is one line that names the problem and the fix.
     """
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "error"
 
 
 def _is_main_rank() -> bool:
@@ -29,7 +37,17 @@ def run_cli(main: Callable[[], int | None]) -> NoReturn:
         code = main()
     except UserError as err:
         if _is_main_rank():
-            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "error"
-            print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+            print(f"{_prog()}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    except RunFailed as err:
+        if _is_main_rank():
+            print(f"{_prog()}: stopped: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_RUN_FAILED)
     sys.exit(code or 0)
+
+
+class RunFailed(Exception):
+    """The run cannot go on (NaN loss, a failed checkpoint write): one line, exit status 1.
+
+    Nothing poisoned or partial is saved on the way out.
+    """

@@ -1,0 +1,99 @@
+"""Helpers for tests that run the real entry points as processes (torchrun, signals, files)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+
+# A model small enough for 2 ranks on 2 cores to take a step in well under a second.
+TINY_FLAGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
+              "--total_batch_size", "256", "--learning_rate", "3e-3", "--warmup_steps", "5",
+              "--eval_batches", "2", "--sample_tokens", "8", "--log_freq", "1", "--seed", "7"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = dict(os.environ)
+    out.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
+                "WANDB_SILENT": "true"})
+    out.update(extra)
+    return out
+
+
+def torchrun_cmd(script: str, nproc: int, args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(SRC / script), *args]
+
+
+def run_dirs(tmp: Path, data_dir: Path) -> list[str]:
+    return ["--data_dir", str(data_dir), "--checkpoint_dir", str(tmp / "ckpt"), "--log_dir", str(tmp / "logs")]
+
+
+def run(cmd: Sequence[str], timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train(tmp: Path, data_dir: Path, *args: str, nproc: int = 2, script: str = "train_improved.py",
+          timeout: float = 300) -> subprocess.CompletedProcess:
+    """A complete torchrun training run; fails the test with the run's output if it fails."""
+    proc = run(torchrun_cmd(script, nproc, [*TINY_FLAGS, *run_dirs(tmp, data_dir), *args]), timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def read_metrics(log_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(per-step rows, evaluation rows) of metrics.jsonl."""
+    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def step_losses(log_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(log_dir)[0]}
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def wait_for_step(log_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Poll metrics.jsonl until a row for `step` (or later) appears; the last step seen."""
+    deadline = time.monotonic() + timeout
+    path = log_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (exit {proc.returncode}) before step {step}")
+        if path.exists():
+            steps = [json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip().endswith("}")]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def start(cmd: Sequence[str], new_session: bool = True) -> subprocess.Popen:
+    """Start a run in its own session (process group) so a test can signal the whole group."""
+    return subprocess.Popen(list(cmd), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=new_session)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Make sure nothing of a run outlives its test."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
