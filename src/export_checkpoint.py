@@ -1,0 +1,216 @@
+"""Export an FP8-trained checkpoint to the plain model's format.
+
+    python src/export_checkpoint.py checkpoints_fp8/best.pt checkpoints/from_fp8.pt
+
+The output holds the weights as the ordinary GPT names them (TransformerEngine's FP8 scaling
+state dropped, DDP / torch.compile prefixes stripped, float32), the run's config without the FP8
+fields, the step, epoch and validation loss, and a `meta` naming the source file and its
+precision. It holds no optimizer state: training from it starts a fresh optimizer. Beside OUT.pt
+an OUT.json sidecar (common/checkpoint.py's format) repeats step, epoch, val_loss, meta, sha256
+and size. Both files are written atomically; an existing OUT is kept unless --force is given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, ContextManager
+
+import torch
+
+from common.checkpoint import SIDECAR_VERSION, sidecar_path
+from common.errors import UserError, run_cli
+from common.fp8 import export_plain_state_dict
+
+log = logging.getLogger("export_checkpoint")
+
+PLAIN_CHECKPOINT_DIR = "./checkpoints"
+FP8_CHECKPOINT_DIR = "./checkpoints_fp8"
+_FP8_CONFIG_KEYS = ("use_fp8", "require_fp8")
+_CARRIED_OVER = ("step", "epoch", "val_loss", "best_val_loss")
+NO_OPTIMIZER_NOTE = "weights only: no optimizer state; training from this file starts a fresh optimizer"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="export_checkpoint.py",
+        description="Convert an FP8 (TransformerEngine) checkpoint into one the plain model loads.")
+    parser.add_argument("source", type=Path, help="FP8-trained checkpoint (.pt)")
+    parser.add_argument("dest", type=Path, help="where to write the plain checkpoint (.pt)")
+    parser.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    return parser.parse_args(argv)
+
+
+def _safe_globals() -> ContextManager:
+    """Allow torch's TorchVersion (a str subclass some checkpoints carry in meta) and nothing else
+    beyond what weights_only=True already takes."""
+    from torch.torch_version import TorchVersion
+
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    return allow([TorchVersion]) if allow is not None else contextlib.nullcontext()
+
+
+def _load_error(path: Path, err: Exception) -> UserError:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(err).__name__)
+    hint = ""
+    if "BytesIO" in detail:
+        hint = " (TransformerEngine before 1.x stored its FP8 state as io.BytesIO, which cannot be read safely)"
+    return UserError(f"{path}: not a loadable checkpoint: {detail}{hint}")
+
+
+def load_source(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        with _safe_globals():
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
+        raise _load_error(path, err) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{path}: not a training checkpoint (expected a dict with a 'model' state dict)")
+    return ckpt
+
+
+def plain_config(config: Any) -> Any:
+    """The run's config for the plain trainer: FP8 fields removed (it rejects unknown keys)."""
+    if not isinstance(config, dict):
+        return config
+    out = {k: v for k, v in config.items() if k not in _FP8_CONFIG_KEYS and not k.startswith("fp8_")}
+    if out.get("checkpoint_dir") == FP8_CHECKPOINT_DIR:
+        out["checkpoint_dir"] = PLAIN_CHECKPOINT_DIR
+    return out
+
+
+def plain_values(obj: Any) -> Any:
+    """Containers rebuilt with plain str in place of str subclasses (torch's TorchVersion), so the
+    export loads with torch.load(weights_only=True) without allowlists."""
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {plain_values(k): plain_values(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain_values(v) for v in obj)
+    return obj
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_export(ckpt: dict[str, Any], source: Path, source_sha256: str) -> dict[str, Any]:
+    try:
+        model = export_plain_state_dict(ckpt["model"])
+    except ValueError as err:
+        raise UserError(f"{source}: {err}") from None
+    source_meta = plain_values(ckpt.get("meta")) if isinstance(ckpt.get("meta"), dict) else {}
+    meta = dict(source_meta)
+    meta.update({
+        "precision": "fp32",
+        "exported_from": {"file": str(source.resolve()), "sha256": source_sha256,
+                          "precision": source_meta.get("precision"), "step": ckpt.get("step")},
+        "exported_at": datetime.now(timezone.utc).isoformat(),
+        "optimizer": NO_OPTIMIZER_NOTE,
+    })
+    out: dict[str, Any] = {"model": model, "config": plain_values(plain_config(ckpt.get("config"))), "meta": meta}
+    out.update({k: plain_values(ckpt[k]) for k in _CARRIED_OVER if k in ckpt})
+    return out
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(dest: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """write(file) into a temporary file beside dest, fsync, rename over dest, fsync the directory."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def write_checkpoint(data: dict[str, Any], dest: Path) -> dict[str, Any]:
+    """The checkpoint, then its sidecar, in common/checkpoint.py's sidecar format and order: an
+    old sidecar goes first, so a sidecar only ever describes the complete file beside it."""
+    side = sidecar_path(dest)
+    if side.exists():
+        side.unlink()
+        _fsync_dir(dest.parent)
+    _atomic_write(dest, lambda fh: torch.save(data, fh))
+    record = {
+        "format_version": SIDECAR_VERSION,
+        "file": dest.name,
+        "step": data.get("step"),
+        "epoch": data.get("epoch"),
+        "val_loss": _finite_or_none(data.get("val_loss")),
+        "size": dest.stat().st_size,
+        "sha256": sha256_of(dest),
+        "written_at": datetime.now(timezone.utc).isoformat(),
+        "meta": data.get("meta", {}),
+    }
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    _atomic_write(side, lambda fh: fh.write(text.encode("utf-8")))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    source, dest = args.source, args.dest
+    if dest.suffix != ".pt":
+        raise UserError(f"{dest}: the output name must end in .pt (its sidecar is the same name with .json)")
+    if dest.exists() and source.exists() and dest.resolve() == source.resolve():
+        raise UserError(f"{dest} is the input file; choose another output name")
+    if dest.exists() and not args.force:
+        raise UserError(f"{dest} already exists; choose another name or pass --force to replace it")
+    ckpt = load_source(source)
+    exported = build_export(ckpt, source, sha256_of(source))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        sidecar = write_checkpoint(exported, dest)
+    except OSError as err:
+        raise UserError(f"cannot write {dest}: {err.strerror or err}") from None
+    log.info("wrote %s (%d tensors, step %s, from %s precision %s); %s", dest, len(exported["model"]),
+             sidecar["step"], source, exported["meta"]["exported_from"]["precision"], NO_OPTIMIZER_NOTE)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
