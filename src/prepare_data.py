@@ -1,0 +1,466 @@
+"""Tokenize a text corpus into llm.c-format shards for training.
+
+    python src/prepare_data.py --dataset stdlib --out data/stdlib
+    python src/prepare_data.py --dataset 'corpus/**/*.jsonl' --out data/mine --text_field body
+    python src/prepare_data.py --dataset HuggingFaceFW/fineweb-edu --dataset_config sample-10BT \
+        --out data/fineweb --shard_tokens 100000000
+
+Documents -> tiktoken in a worker pool -> one token stream with the end-of-text token before every
+document -> the first --val_tokens to val_000000.bin[.lz4]..., the rest to train_000000... Each
+shard is written under a temporary name and renamed when complete; meta.json is rewritten after
+every shard, so a trainer may read the directory while it grows.
+
+Run the same command again to continue an interrupted run, or to append shards after the corpus
+grew: the stream is tokenized again, the finished shards are checked against it (never rewritten)
+and new shards follow them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import hashlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import sysconfig
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from common.data import (MAX_SHARD_TOKENS, MAX_VOCAB, META_FORMAT_VERSION, DatasetWriter, DirectoryLock,
+                         existing_shard_files, read_meta, remove_stale_temporaries)
+from common.errors import RunFailed, UserError, run_cli
+from common.tokenizer import encode_documents, encode_in_worker, get_tokenizer, init_worker
+
+log = logging.getLogger("prepare_data")
+
+# Text per worker task: large enough to amortize the task overhead, small enough that little work
+# is in flight (and wasted) when --max_tokens stops the run.
+CHUNK_CHARS = 1 << 18
+CHUNK_DOCS = 256
+LOCAL_KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def main() -> int:
+    args = parse_args()
+    setup_logging()
+    source = open_source(args)
+    out = Path(args.out)
+    previous = read_meta(out) if out.is_dir() else None
+    settings = layout_settings(args, source, previous)
+    check_same_layout(out, previous, args.tokenizer, source.name, settings)
+    enc = get_tokenizer(args.tokenizer)
+    if enc.n_vocab > MAX_VOCAB:
+        raise UserError(f"tokenizer {args.tokenizer} has {enc.n_vocab} tokens, more than the uint16 shard format "
+                        f"holds ({MAX_VOCAB}); use gpt2, r50k_base or p50k_base")
+    lock = open_output(out, previous)
+
+    if is_up_to_date(out, previous, source.fingerprint, args.max_tokens):
+        log.info("%s is up to date (%s train tokens); nothing to do", out, f"{previous['expected_train_tokens']:,}")
+        return 0
+    meta = {
+        "format_version": META_FORMAT_VERSION, "tokenizer": args.tokenizer, "vocab_size": enc.n_vocab,
+        "eot_token": enc.eot_token, "source": source.name, "settings": settings,
+        "source_fingerprint": source.fingerprint, "max_tokens": args.max_tokens,
+        "shards": previous["shards"] if previous else [], "complete": False,
+    }
+    writer = DatasetWriter(out, meta, shard_tokens=settings["shard_tokens"], val_tokens=settings["val_tokens"],
+                           compress=settings["compress"] == "lz4", max_tokens=args.max_tokens)
+    started = time.monotonic()
+    try:
+        exhausted = write_stream(writer, source, args.tokenizer, args.workers)
+    except KeyboardInterrupt:
+        log.info("interrupted: %d shards are finished in %s; run the same command again to continue",
+                 len(writer.finished), out)
+        return 130
+    meta = writer.finish(exhausted)
+    lock.release()
+    report(meta, out, writer.position, time.monotonic() - started)
+    return 0
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line via run_cli instead of usage + error
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(description="Tokenize text into llm.c-format shards (see the module docstring).")
+    p.add_argument("--dataset", required=True,
+                   help="'stdlib' (this Python's standard library), a local file/directory/glob of .txt, .jsonl, "
+                        ".json or .parquet, or a Hugging Face dataset id")
+    p.add_argument("--out", required=True, help="output directory (created; rerun to continue it)")
+    p.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding or model name (default gpt2)")
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
+    p.add_argument("--val_tokens", type=int, default=None,
+                   help="tokens of the validation split (default: about 3%% of the source, at most 10M)")
+    p.add_argument("--compress", choices=("lz4", "none"), default="lz4", help="shard compression (default lz4)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all cores)")
+    p.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens (val + train)")
+    p.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.json/.parquet/Hub rows")
+    p.add_argument("--dataset_config", default=None, help="Hugging Face dataset configuration (e.g. sample-10BT)")
+    p.add_argument("--split", default="train", help="Hugging Face dataset split (default train)")
+    args = p.parse_args(argv)
+    for name in ("shard_tokens", "workers", "max_tokens", "val_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, not {value}")
+    if args.shard_tokens > MAX_SHARD_TOKENS:
+        raise UserError(f"--shard_tokens {args.shard_tokens} exceeds the shard header's limit of {MAX_SHARD_TOKENS}")
+    return args
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def setup_logging() -> None:
+    # Progress goes to stdout: stderr is kept for the one-line error of a failed run.
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def layout_settings(args: argparse.Namespace, source: Source, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The settings that shape the stream; --val_tokens defaults to the existing directory's."""
+    val_tokens = args.val_tokens
+    if val_tokens is None:
+        val_tokens = (previous or {}).get("settings", {}).get("val_tokens") or default_val_tokens(
+            source.total_bytes, args.max_tokens)
+    if args.max_tokens is not None and args.max_tokens <= val_tokens:
+        raise UserError(f"--max_tokens {args.max_tokens} leaves nothing for training after --val_tokens "
+                        f"{val_tokens}; raise --max_tokens or lower --val_tokens")
+    return {"shard_tokens": args.shard_tokens, "val_tokens": val_tokens, "compress": args.compress,
+            "text_field": args.text_field, "dataset_config": args.dataset_config, "split": args.split}
+
+
+def default_val_tokens(total_bytes: int | None, max_tokens: int | None) -> int:
+    """About 3% of the source (bytes / 64: ~500k tokens for stdlib), at most 10M, 1/30 of a --max_tokens cap."""
+    estimate = 10_000_000 if total_bytes is None else total_bytes // 64
+    if max_tokens is not None:
+        estimate = min(estimate, max_tokens // 30)
+    return max(1, min(estimate, 10_000_000))
+
+
+def check_same_layout(out: Path, previous: dict[str, Any] | None, tokenizer: str, source: str,
+                      settings: dict[str, Any]) -> None:
+    """A rerun into an existing directory must produce the same stream, or shards would mix."""
+    if previous is None:
+        return
+    old = {"tokenizer": previous.get("tokenizer"), "dataset": previous.get("source"), **previous.get("settings", {})}
+    new = {"tokenizer": tokenizer, "dataset": source, **settings}
+    for key, value in new.items():
+        if key in old and old[key] != value:
+            raise UserError(f"{out} was prepared with --{key} {old[key]}, not {value}; rerun with the same flags "
+                            "to continue it, or use a new --out directory")
+
+
+def open_output(out: Path, previous: dict[str, Any] | None) -> DirectoryLock:
+    """Create and lock the output directory; refuse a directory holding shards that are not ours."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(out)
+        lock.acquire()
+    except OSError as err:
+        raise UserError(f"cannot write to --out {out} ({err.strerror or err}); choose a writable directory") from None
+    if previous is None and existing_shard_files(out):
+        lock.release()
+        raise UserError(f"{out} already holds shards but no meta.json; use an empty directory for --out")
+    remove_stale_temporaries(out)
+    return lock
+
+
+def is_up_to_date(out: Path, previous: dict[str, Any] | None, fingerprint: str, max_tokens: int | None) -> bool:
+    """A complete directory of the unchanged source (or one already past --max_tokens) needs no work."""
+    if not previous or not previous.get("complete"):
+        return False
+    if any(not (out / e["file"]).exists() for e in previous["shards"]):
+        return False  # rewrite what went missing
+    if max_tokens is not None and sum(e["tokens"] for e in previous["shards"]) >= max_tokens:
+        return True
+    same_source = previous.get("source_fingerprint") == fingerprint
+    return same_source and (previous.get("exhausted") or previous.get("max_tokens") == max_tokens)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Source:
+    name: str  # recorded in meta.json
+    fingerprint: str  # changes when the corpus does
+    total_bytes: int | None  # for the ETA and the default validation size
+    documents: Callable[[], Iterator[str]]
+
+
+def open_source(args: argparse.Namespace) -> Source:
+    if args.dataset == "stdlib":
+        return stdlib_source()
+    files = local_files(args.dataset)
+    if files is not None:
+        return local_source(args.dataset, files, args.text_field)
+    return hub_source(args.dataset, args.dataset_config, args.split, args.text_field)
+
+
+def stdlib_files() -> list[Path]:
+    """This interpreter's standard-library .py files (no site-packages), sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py")
+             if p.is_file() and not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def read_text_file(path: Path) -> str:
+    """A file as text; undecodable bytes (a few stdlib test files on purpose) become U+FFFD."""
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def stdlib_source() -> Source:
+    files = stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sizes = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in files]
+
+    def documents() -> Iterator[str]:
+        for path in files:
+            text = read_text_file(path)
+            if text:  # empty __init__.py files are not documents
+                yield text
+
+    return Source("stdlib", _digest(sys.version, sizes), sum(s for _, s in sizes), documents)
+
+
+def local_files(spec: str) -> list[Path] | None:
+    """The files a local --dataset names, None when it is not a local path (a Hub id then)."""
+    expanded = os.path.expanduser(spec)
+    if glob.has_magic(expanded):
+        files = [Path(f) for f in glob.glob(expanded, recursive=True) if Path(f).is_file()]
+    elif os.path.isdir(expanded):
+        root = Path(expanded)
+        files = [p for p in root.rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    elif os.path.isfile(expanded):
+        if Path(expanded).suffix not in LOCAL_KINDS:
+            raise UserError(f"--dataset {spec}: unsupported file type; use {', '.join(LOCAL_KINDS)}")
+        return [Path(expanded)]
+    elif spec.startswith((".", "/", "~")) or Path(spec).suffix in LOCAL_KINDS:
+        raise UserError(f"--dataset {spec}: no such file or directory")
+    else:
+        return None
+    files = sorted((p for p in files if p.suffix in LOCAL_KINDS), key=lambda p: p.as_posix())
+    if not files:
+        raise UserError(f"--dataset {spec}: no {', '.join(LOCAL_KINDS)} files found")
+    return files
+
+
+def local_source(spec: str, files: list[Path], text_field: str) -> Source:
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    name = os.path.abspath(os.path.expanduser(spec))
+
+    def documents() -> Iterator[str]:
+        # One load_dataset call per run of files of the same kind keeps the sorted file order.
+        group: list[Path] = []
+        for path in [*files, None]:
+            if group and (path is None or LOCAL_KINDS[path.suffix] != LOCAL_KINDS[group[0].suffix]):
+                yield from _local_documents(spec, group, text_field)
+                group = []
+            if path is not None:
+                group.append(path)
+
+    return Source(name, _digest(stats), sum(s for _, s, _ in stats), documents)
+
+
+def _local_documents(spec: str, files: list[Path], text_field: str) -> Iterator[str]:
+    kind = LOCAL_KINDS[files[0].suffix]
+    options = {"sample_by": "document"} if kind == "text" else {}  # one .txt file = one document
+    field = "text" if kind == "text" else text_field
+    try:
+        rows = _datasets().load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=True,
+                                        **options)
+        yield from _texts(rows, field, spec)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - malformed input files surface as many exception types
+        raise UserError(f"cannot read --dataset {spec}: {_one_line(err)}") from None
+
+
+def hub_source(name: str, config: str | None, split: str, text_field: str) -> Source:
+    try:
+        rows = _datasets().load_dataset(name, config, split=split, streaming=True)
+    except Exception as err:  # noqa: BLE001 - hub, network and config errors alike
+        raise UserError(f"--dataset {name!r} is neither stdlib, a local path, nor a loadable Hugging Face "
+                        f"dataset ({_one_line(err)}); check the name, --dataset_config and the network") from None
+    size = getattr(getattr(rows, "info", None), "dataset_size", None)
+
+    def documents() -> Iterator[str]:
+        try:
+            yield from _texts(rows, text_field, name)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a dropped connection mid-stream
+            raise RunFailed(f"reading {name} failed ({_one_line(err)}); run the same command again to "
+                            "continue") from None
+
+    return Source(name, _digest("hub", name, config, split), size, documents)
+
+
+def _texts(rows: Iterable[dict[str, Any]], field: str, spec: str) -> Iterator[str]:
+    for row in rows:
+        if field not in row:
+            raise UserError(f"--dataset {spec}: records have no field {field!r} (fields: {', '.join(row)}); "
+                            "pass --text_field")
+        text = row[field]
+        if isinstance(text, str) and text:
+            yield text
+
+
+def _datasets() -> Any:
+    """Import `datasets` (slow, so only for non-stdlib sources) with its bars and warnings off."""
+    # Otherwise streaming datasets import torch (seconds) to share an epoch counter we never use.
+    os.environ.setdefault("USE_TORCH", "0")
+    for name in ("datasets", "huggingface_hub"):  # before the import: it already logs
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def write_stream(writer: DatasetWriter, source: Source, tokenizer: str, workers: int) -> bool:
+    """Feed the source's tokens to the writer; True if the source was read to its end."""
+    # The pool forks before any other thread (tqdm's monitor) exists.
+    pool = multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer,)) if workers > 1 else None
+    progress = Progress(total=writer.max_tokens)
+    stream = tokenize(source.documents(), tokenizer, pool, workers)
+    seen_chars = 0
+    try:
+        for tokens, chars in stream:
+            seen_chars += chars
+            if source.total_bytes and seen_chars:  # refine the size estimate as the stream goes
+                writer.estimated_tokens = int(writer.position * source.total_bytes / seen_chars)
+                progress.total = writer.max_tokens or writer.estimated_tokens
+            full = writer.add(tokens)
+            progress.update(writer.position, writer.documents)
+            if full:
+                return False
+        return True
+    finally:
+        stream.close()
+        progress.close()
+        if pool is not None:
+            pool.terminate()  # at once, also when --max_tokens ends the run early
+            pool.join()
+
+
+def tokenize(documents: Iterator[str], tokenizer: str, pool: Any, workers: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(tokens, characters) per chunk of documents, in document order whatever the worker count."""
+    chunks = chunked(documents)
+    if pool is None:
+        enc = get_tokenizer(tokenizer)
+        for chunk in chunks:
+            yield encode_documents(enc, chunk), sum(map(len, chunk))
+        return
+    # A bounded window of tasks in flight: ordered results without reading the whole corpus ahead.
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append((pool.apply_async(encode_in_worker, (chunk,)), sum(map(len, chunk))))
+        if len(pending) >= 2 * workers:
+            result, chars = pending.popleft()
+            yield result.get(), chars
+    while pending:
+        result, chars = pending.popleft()
+        yield result.get(), chars
+
+
+def _init_pool_worker(tokenizer: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is handled once, by the parent
+    init_worker(tokenizer)
+
+
+def chunked(documents: Iterator[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for doc in documents:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A tqdm bar (tokens, tokens/s, ETA when the size is known) on a terminal, log lines otherwise."""
+
+    LOG_EVERY = 10.0  # seconds between plain log lines
+
+    def __init__(self, total: int | None) -> None:
+        self.total = total
+        self.start = time.monotonic()
+        self.last_log = self.start
+        self.tokens = 0
+        self.bar = None
+        self._redirect = contextlib.ExitStack()
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            self.bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True, smoothing=0.1)
+            self._redirect.enter_context(logging_redirect_tqdm())  # log lines above the bar, not through it
+
+    def update(self, tokens: int, documents: int) -> None:
+        step, self.tokens = tokens - self.tokens, tokens
+        if self.bar is not None:
+            if self.total and self.bar.total != self.total:
+                self.bar.total = self.total
+            self.bar.set_postfix_str(f"{documents:,} docs", refresh=False)
+            self.bar.update(step)
+            return
+        now = time.monotonic()
+        if now - self.last_log >= self.LOG_EVERY:
+            self.last_log = now
+            rate = tokens / max(now - self.start, 1e-9)
+            eta = f", ETA {(self.total - tokens) / rate:.0f}s" if self.total and rate else ""
+            log.info("%s docs, %s tokens, %s tokens/s%s", f"{documents:,}", f"{tokens:,}", f"{rate:,.0f}", eta)
+
+    def close(self) -> None:
+        self._redirect.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def report(meta: dict[str, Any], out: Path, tokens: int, seconds: float) -> None:
+    def split(name: str) -> str:
+        shards = [e for e in meta["shards"] if e["split"] == name]
+        return f"{name} {sum(e['tokens'] for e in shards):,} tokens in {len(shards)} shards"
+
+    log.info("done: %s documents, %s tokens in %.2fs (%s tokens/s): %s, %s -> %s", f"{meta['documents']:,}",
+             f"{tokens:,}", seconds, f"{tokens / max(seconds, 1e-9):,.0f}", split("val"), split("train"), out)
+
+
+if __name__ == "__main__":
+    run_cli(main)
