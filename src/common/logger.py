@@ -1,0 +1,503 @@
+"""Rank-0 logging: log.txt, metrics.jsonl, TensorBoard and (optionally) wandb.
+
+Two pieces:
+
+* ``setup_logging`` configures Python's root logger once per process: on the main rank a console
+  handler plus ``LOG_DIR/log.txt`` (appended, one timestamped line per record); on the other
+  ranks only warnings and errors, prefixed ``[rank N]``.
+* ``RunLogger`` writes the machine-readable metrics. Every method is a no-op when ``enabled`` is
+  false (ranks other than 0), so the trainer can call it unconditionally.
+
+Resume contract: ``RunLogger(resume_step=k)`` drops the ``metrics.jsonl`` rows after step k
+(atomic rewrite) and opens TensorBoard with ``purge_step=k + 1`` so the events logged after the
+checkpoint by the interrupted run are hidden; the resumed run then logs k+1, k+2, ... and every
+step appears exactly once. The wandb run id travels in the checkpoint (``state_dict()``) so the
+resumed process continues the same wandb run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "tensorboard"
+PREVIOUS_SUBDIR = "previous"
+WANDB_MISSING = "--use_wandb needs wandb: pip install -e '.[wandb]'"
+TENSORBOARD_MISSING = "--use_tensorboard needs tensorboard: pip install -e . (or pip install tensorboard)"
+
+# metrics.jsonl key -> TensorBoard / wandb tag. Keys not listed go to "train/<key>".
+SCALAR_TAGS: dict[str, str] = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_sec": "perf/tokens_per_sec",
+    "mfu": "perf/mfu",
+    "step_time": "perf/step_time",
+    "mem_allocated_mb": "memory/allocated_mb",
+    "mem_reserved_mb": "memory/reserved_mb",
+    "mem_rss_mb": "memory/rss_mb",
+}
+SAMPLE_TAG = "samples"
+MAX_WANDB_SAMPLE_ROWS = 200
+_HANDLER_MARK = "_llm_pretrain_handler"
+
+
+# --------------------------------------------------------------------------- plain logging
+
+
+class _RankFilter(logging.Filter):
+    """Adds ``record.rank`` so non-main ranks can prefix their lines."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def _mark(handler: logging.Handler) -> logging.Handler:
+    setattr(handler, _HANDLER_MARK, True)
+    return handler
+
+
+def setup_logging(
+    log_dir: Path | None, *, is_main: bool, rank: int = 0, level: int = logging.INFO
+) -> logging.Logger:
+    """Configure the root logger for this process and return it.
+
+    Main rank: records at ``level`` and above to stderr and, when ``log_dir`` is given, appended
+    to ``log_dir/log.txt``. Other ranks: WARNING and above to stderr, prefixed ``[rank N]``.
+    Calling it again replaces the handlers it installed before (never duplicates them) and
+    leaves handlers installed by others (pytest, a notebook) alone.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_MARK, False):
+            root.removeHandler(handler)
+            handler.close()
+
+    console = _mark(logging.StreamHandler(sys.stderr))
+    if is_main:
+        root.setLevel(level)
+        console.setLevel(level)
+        console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(console)
+        if log_dir is not None:
+            log_dir = Path(log_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            file_handler = _mark(logging.FileHandler(log_dir / "log.txt", mode="a", encoding="utf-8"))
+            file_handler.setLevel(level)
+            file_handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+            )
+            root.addHandler(file_handler)
+    else:
+        root.setLevel(max(level, logging.WARNING))
+        console.setLevel(logging.WARNING)
+        console.addFilter(_RankFilter(rank))
+        console.setFormatter(logging.Formatter("[rank %(rank)d] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(console)
+
+    # Libraries that are chatty at INFO/DEBUG and say nothing a user needs during training.
+    for noisy in ("matplotlib", "PIL", "urllib3", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return root
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _plain(value: Any) -> Any:
+    """A metric value as a JSON-friendly Python number/string (tensors and numpy scalars too)."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (ValueError, RuntimeError):  # a tensor with more than one element
+            pass
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def tag_for(key: str) -> str:
+    """TensorBoard/wandb tag of a metrics.jsonl key (``loss`` -> ``train/loss``)."""
+    if key in SCALAR_TAGS:
+        return SCALAR_TAGS[key]
+    return key if "/" in key else f"train/{key}"
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf when it overflows (a diverged run), nan for a nan loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def _read_rows(path: Path) -> Iterable[dict[str, Any]]:
+    """Rows of a metrics.jsonl; lines that do not parse (a crash mid-write) are skipped."""
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: skipping a line that is not JSON (interrupted write?)", path)
+                continue
+            if isinstance(row, dict):
+                yield row
+
+
+def truncate_metrics(path: Path, keep_through_step: int) -> int:
+    """Atomically rewrite ``path`` keeping rows with ``step <= keep_through_step``.
+
+    Returns the number of rows dropped. Unparseable lines are dropped too.
+    """
+    if not path.exists():
+        return 0
+    kept: list[str] = []
+    total = 0
+    for row in _read_rows(path):
+        total += 1
+        step = row.get("step")
+        if isinstance(step, (int, float)) and step <= keep_through_step:
+            kept.append(json.dumps(row))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return total - len(kept)
+
+
+def _archive_previous_run(log_dir: Path) -> Path | None:
+    """Move an earlier run's metrics.jsonl and tensorboard/ to LOG_DIR/previous/<time>/.
+
+    Used when a run starts from scratch in a log directory that already holds another run, so
+    the new curves do not overlap the old ones and nothing is deleted.
+    """
+    metrics = log_dir / METRICS_FILE
+    tb_dir = log_dir / TENSORBOARD_SUBDIR
+    has_metrics = metrics.exists() and metrics.stat().st_size > 0
+    has_events = tb_dir.is_dir() and any(tb_dir.rglob("events.out.tfevents.*"))
+    if not (has_metrics or has_events):
+        return None
+    base = log_dir / PREVIOUS_SUBDIR / time.strftime("%Y%m%d-%H%M%S")
+    dest, suffix = base, 1
+    while dest.exists():
+        dest, suffix = base.with_name(f"{base.name}.{suffix}"), suffix + 1
+    dest.mkdir(parents=True)
+    if has_metrics:
+        os.replace(metrics, dest / METRICS_FILE)
+    if has_events:
+        os.replace(tb_dir, dest / TENSORBOARD_SUBDIR)
+    return dest
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def flatten_hparams(hparams: dict[str, Any]) -> dict[str, bool | int | float | str]:
+    """Nested dicts -> dotted keys; values TensorBoard's hparams accept (number, bool, string)."""
+    flat: dict[str, Any] = {}
+    _flatten("", hparams, flat)
+    result: dict[str, bool | int | float | str] = {}
+    for key, value in flat.items():
+        value = _plain(value)
+        if isinstance(value, (bool, int, float, str)):
+            result[key] = value
+        elif value is None:
+            result[key] = "None"
+        else:  # lists, tuples, paths ...
+            result[key] = str(value)
+    return result
+
+
+def unwrap_model(model: Any) -> Any:
+    """The user's module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
+            model = model.module
+        else:
+            return model
+
+
+def _clean_param_name(name: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def _import_summary_writer() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:  # torch's writer needs the tensorboard package
+        raise UserError(TENSORBOARD_MISSING) from err
+    return SummaryWriter
+
+
+def _import_wandb() -> Any:
+    """wandb is an optional extra: imported only when asked for."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise UserError(WANDB_MISSING) from err
+    return wandb
+
+
+# --------------------------------------------------------------------------- RunLogger
+
+
+class RunLogger:
+    """metrics.jsonl + TensorBoard + wandb for one training run (rank 0; no-op elsewhere)."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        enabled: bool,
+        use_tensorboard: bool = False,
+        use_wandb: bool = False,
+        config: dict | None = None,
+        resume_step: int | None = None,
+        state: dict | None = None,
+        wandb_project: str = "llm-pretrain",
+        wandb_run_name: str | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.log_dir = Path(log_dir)
+        self.metrics_path = self.log_dir / METRICS_FILE
+        self.tensorboard_dir = self.log_dir / TENSORBOARD_SUBDIR
+        self._metrics_file = None
+        self._writer = None  # torch.utils.tensorboard.SummaryWriter
+        self._wandb = None  # the wandb module while a run is active
+        self._wandb_run = None
+        self._wandb_rows: list[list[Any]] = []
+        self._last_step = resume_step or 0
+        self._closed = False
+        if not enabled:
+            return
+
+        # Missing optional packages fail here, before any file is touched.
+        writer_cls = _import_summary_writer() if use_tensorboard else None
+        wandb_module = _import_wandb() if use_wandb else None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            archived = _archive_previous_run(self.log_dir)
+            if archived is not None:
+                log.warning("log dir %s held an earlier run; moved its metrics and events to %s",
+                            self.log_dir, archived)
+        else:
+            dropped = truncate_metrics(self.metrics_path, resume_step)
+            if dropped:
+                log.info("resume at step %d: dropped %d metrics rows logged after it", resume_step, dropped)
+        self._metrics_file = self.metrics_path.open("a", encoding="utf-8")
+
+        if writer_cls is not None:
+            self._writer = self._open_tensorboard(writer_cls, resume_step)
+        if wandb_module is not None:
+            try:
+                self._open_wandb(wandb_module, config, state, wandb_project, wandb_run_name)
+            except BaseException:
+                self.close()
+                raise
+
+    # -- backends ---------------------------------------------------------------------------
+
+    def _open_tensorboard(self, writer_cls: Any, resume_step: int | None) -> Any:
+        # purge_step writes a marker that makes TensorBoard drop events at steps >= k+1 from
+        # earlier files: what the interrupted process logged after the checkpoint.
+        purge_step = resume_step + 1 if resume_step is not None else None
+        writer = writer_cls(log_dir=str(self.tensorboard_dir), purge_step=purge_step, flush_secs=30)
+        log.info("TensorBoard events in %s%s", self.tensorboard_dir,
+                 f" (continuing after step {resume_step})" if resume_step is not None else "")
+        return writer
+
+    def _open_wandb(
+        self, wandb: Any, config: dict | None, state: dict | None, project: str, run_name: str | None
+    ) -> None:
+        run_id = (state or {}).get("wandb_run_id")
+        kwargs: dict[str, Any] = {"project": project, "name": run_name, "config": config or {},
+                                  "allow_val_change": True}
+        if "WANDB_DIR" not in os.environ:
+            kwargs["dir"] = str(self.log_dir)
+        if run_id:
+            kwargs.update(id=run_id, resume="allow")
+        try:
+            self._wandb_run = wandb.init(**kwargs)
+        except Exception as err:  # network, auth: the message names the cause
+            raise UserError(
+                f"wandb could not start ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "run `wandb login`, or set WANDB_MODE=offline and `wandb sync` later"
+            ) from err
+        self._wandb = wandb
+        log.info("wandb run %s%s (mode %s)", self._wandb_run.id, " resumed" if run_id else "",
+                 os.environ.get("WANDB_MODE", "online"))
+
+    def _wandb_call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Call into wandb; a failure turns wandb off with one warning instead of ending training."""
+        if self._wandb is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - monitoring must not kill a month-long run
+            log.warning("wandb %s failed (%s: %s); wandb logging is off for the rest of this run",
+                        what, type(err).__name__, err)
+            self._wandb = None
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        assert self._metrics_file is not None
+        self._metrics_file.write(json.dumps(row) + "\n")
+        self._metrics_file.flush()
+
+    # -- public API -------------------------------------------------------------------------
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """One optimizer step: a metrics.jsonl row, TensorBoard scalars, a wandb history row."""
+        if not self.enabled or self._closed:
+            return
+        values = {k: _plain(v) for k, v in metrics.items() if k != "step"}
+        self._write_row({"step": int(step), **values})
+        self._last_step = max(self._last_step, int(step))
+        scalars = {tag_for(k): v for k, v in values.items() if _is_number(v)}
+        if self._writer is not None:
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, value, int(step))
+        if self._wandb is not None:
+            self._wandb_call("log", self._wandb.log, scalars, step=int(step))
+
+    def log_eval(self, step: int, val_loss: float) -> None:
+        """One evaluation: validation loss and perplexity."""
+        if not self.enabled or self._closed:
+            return
+        val_loss = float(_plain(val_loss))
+        ppl = perplexity(val_loss)
+        self._write_row({"step": int(step), "val_loss": val_loss, "val_perplexity": ppl})
+        self._last_step = max(self._last_step, int(step))
+        if self._writer is not None:
+            self._writer.add_scalar("val/loss", val_loss, int(step))
+            self._writer.add_scalar("val/perplexity", ppl, int(step))
+        if self._wandb is not None:
+            self._wandb_call("log", self._wandb.log, {"val/loss": val_loss, "val/perplexity": ppl}, step=int(step))
+
+    def log_sample(self, step: int, text: str) -> None:
+        """A generated text sample: the log, TensorBoard's Text tab, a wandb table."""
+        if not self.enabled or self._closed:
+            return
+        log.info("sample at step %d:\n%s", step, text)
+        if self._writer is not None:
+            # A fenced block keeps the model's whitespace and stops markdown from reflowing it.
+            self._writer.add_text(SAMPLE_TAG, f"```\n{text}\n```", int(step))
+        if self._wandb is not None:
+            self._wandb_rows = (self._wandb_rows + [[int(step), text]])[-MAX_WANDB_SAMPLE_ROWS:]
+            table = self._wandb.Table(columns=["step", "text"], data=[list(r) for r in self._wandb_rows])
+            self._wandb_call("log", self._wandb.log, {SAMPLE_TAG: table}, step=int(step))
+
+    def log_histograms(self, step: int, model: Any) -> None:
+        """Histograms of every parameter (params/NAME) and of its gradient (grads/NAME)."""
+        if not self.enabled or self._closed or (self._writer is None and self._wandb is None):
+            return
+        wandb_hists: dict[str, Any] = {}
+        for name, param in unwrap_model(model).named_parameters():
+            name = _clean_param_name(name)
+            for kind, tensor in (("params", param), ("grads", param.grad)):
+                if tensor is None:
+                    continue
+                values = tensor.detach().float().flatten().cpu()
+                finite = values[values.isfinite()]
+                if finite.numel() < values.numel():
+                    log.warning("step %d: %s/%s has %d non-finite values (left out of the histogram)",
+                                step, kind, name, values.numel() - finite.numel())
+                if finite.numel() == 0:
+                    continue
+                if self._writer is not None:
+                    self._writer.add_histogram(f"{kind}/{name}", finite, int(step))
+                if self._wandb is not None:
+                    wandb_hists[f"{kind}/{name}"] = self._wandb.Histogram(finite.numpy(), num_bins=64)
+        if wandb_hists and self._wandb is not None:
+            self._wandb_call("log", self._wandb.log, wandb_hists, step=int(step))
+
+    def log_hparams(self, hparams: dict, metrics: dict) -> None:
+        """Hyperparameters with their outcome (e.g. ``{"hparam/best_val_loss": x}``); call once at the end."""
+        if not self.enabled or self._closed:
+            return
+        flat = flatten_hparams(hparams)
+        numeric = {k: float(_plain(v)) for k, v in metrics.items() if _is_number(_plain(v))}
+        if self._writer is not None:
+            from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+            # Written into this run's own event file (SummaryWriter.add_hparams would make a new
+            # sub-run per call), so the HParams tab shows the run next to its curves.
+            exp, ssi, sei = hparams_summary(flat, numeric)
+            file_writer = self._writer._get_file_writer()
+            for summary in (exp, ssi, sei):
+                file_writer.add_summary(summary)
+            for tag, value in numeric.items():
+                self._writer.add_scalar(tag, value, self._last_step)
+        if self._wandb is not None and self._wandb_run is not None:
+            run = self._wandb_run
+            self._wandb_call("config", run.config.update, flat, allow_val_change=True)
+            self._wandb_call("summary", run.summary.update, numeric)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue in the same place (kept in the checkpoint)."""
+        return {"wandb_run_id": self._wandb_run.id if self._wandb_run is not None else None}
+
+    def flush(self) -> None:
+        """Push everything to disk (TensorBoard events, metrics.jsonl with fsync)."""
+        if not self.enabled or self._closed:
+            return
+        if self._metrics_file is not None:
+            self._metrics_file.flush()
+            os.fsync(self._metrics_file.fileno())
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close every backend; safe to call twice."""
+        if not self.enabled or self._closed:
+            return
+        self.flush()
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self._wandb is not None and self._wandb_run is not None:
+            self._wandb_call("finish", self._wandb_run.finish)
+        self._wandb = None
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
