@@ -62,7 +62,7 @@ def main() -> int:
     cfg, actions = parse_args(sys.argv[1:], FP8TrainConfig)
     if handle_config_actions(cfg, actions):
         return 0
-    return train(cfg, fp8_model_spec)
+    return train(cfg, fp8_model_spec, actions["explicit"])
 
 
 if __name__ == "__main__":

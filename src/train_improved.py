@@ -16,7 +16,7 @@ def main() -> int:
     cfg, actions = parse_args(sys.argv[1:], TrainConfig)
     if handle_config_actions(cfg, actions):
         return 0
-    return train(cfg, plain_model_spec)
+    return train(cfg, plain_model_spec, actions["explicit"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Helpers for tests that run the real entry points as processes (torchrun, signals, files)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,9 +25,11 @@ TINY_FLAGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size
 
 
 def env(**extra: str) -> dict[str, str]:
+    """The environment of every process a test starts: one thread each (two ranks share two
+    cores), offline hubs, and src/ importable."""
     out = dict(os.environ)
     out.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
-                "WANDB_SILENT": "true"})
+                "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC)})
     out.update(extra)
     return out
 
@@ -80,17 +84,36 @@ def wait_for_step(log_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
-def start(cmd: Sequence[str], new_session: bool = True) -> subprocess.Popen:
-    """Start a run in its own session (process group) so a test can signal the whole group."""
+def start(cmd: Sequence[str]) -> subprocess.Popen:
+    """Start a run in its own session, as a terminal would start a job."""
     return subprocess.Popen(list(cmd), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=new_session)
+                            text=True, start_new_session=True)
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """Make sure nothing of a run outlives its test."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+def process_tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The launcher and every process below it. torchrun starts each worker in a session of its
+    own, so a process group does not reach them."""
+    try:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait for every process to exit; the ones still alive after `timeout`."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return alive
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and all its workers at once; nothing of a run outlives its test."""
+    tree = process_tree(proc)
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    wait_gone(tree, timeout=30)
+    proc.wait(timeout=30)
 
 
 def free_port() -> int:

@@ -293,10 +293,11 @@ def _split_flags(argv: Sequence[str], valid: list[str]) -> dict[str, str | None]
 def parse_args(argv: Sequence[str], cls: type[C] = TrainConfig) -> tuple[C, dict[str, Any]]:
     """Build the config from --config FILE and flags.
 
-    Returns the config and the run actions (print_config, save_config, version).
+    Returns the config and the run actions (print_config, save_config, version) plus
+    `explicit`, the fields set by the file or a flag.
     """
     types_ = _field_types(cls)
-    actions = {"config": None, "save_config": None, "print_config": False, "version": False}
+    actions: dict[str, Any] = {"config": None, "save_config": None, "print_config": False, "version": False}
     raw = _split_flags(argv, list(types_) + list(actions))
 
     if "version" in raw:
@@ -323,6 +324,7 @@ def parse_args(argv: Sequence[str], cls: type[C] = TrainConfig) -> tuple[C, dict
         values[key] = val
     cfg = from_dict(cls, values, actions["config"] or "flags")
     cfg.validate()
+    actions["explicit"] = set(values)  # what the user chose; a resumed run takes the rest from its checkpoint
     return cfg, actions
 
 

@@ -80,6 +80,9 @@ def init_distributed(device_preference: str = "auto", cpu_threads: int = 0) -> D
     device = choose_device(device_preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # TF32 tensor cores for the fp32 matmuls left outside bf16 autocast (Ampere and newer).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     set_cpu_threads(cpu_threads, local_world_size)
 
     backend: str | None = None

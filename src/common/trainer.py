@@ -15,7 +15,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import __version__
 from common.checkpoint import CheckpointError, Checkpointer, estimate_state_bytes
-from common.config import TrainConfig, config_to_dict, git_commit
+from common.config import C, TrainConfig, config_to_dict, from_dict, git_commit
 from common.data import DatasetIndex, ShardedTrainLoader, ValReader
 from common.dist import (DistContext, all_reduce_mean, destroy, gather_objects, init_distributed, rank0_decides,
                          seed_everything)
@@ -96,20 +96,29 @@ def planned_steps(cfg: TrainConfig, index: DatasetIndex) -> int:
     return max(1, math.ceil(cfg.epochs * index.expected_train_tokens() / cfg.total_batch_size))
 
 
-def _config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    now = config_to_dict(cfg)
-    return {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
+# Always taken from the command that resumes, never from the checkpoint: they describe this
+# machine and this invocation, not the run.
+_NOT_INHERITED = ("resume", "device", "cpu_threads")
 
 
-def _check_resumable(saved_cfg: dict[str, Any], cfg: TrainConfig) -> None:
-    shape = cfg.model_shape()
-    wrong = {k: (saved_cfg.get(k), v) for k, v in shape.items() if saved_cfg.get(k) != v}
+def resume_config(saved: dict[str, Any], cfg: C, explicit: set[str]) -> C:
+    """The config a resumed run continues with: the checkpoint's own, with every field the user
+    set now (in --config or as a flag) on top. `--resume latest` alone thus continues the run as
+    it was; a model shape different from the checkpoint's is refused."""
+    known = {f.name for f in fields(cfg)}
+    values = {k: v for k, v in saved.items() if k in known}
+    values.update({k: getattr(cfg, k) for k in set(explicit) | set(_NOT_INHERITED)})
+    merged = from_dict(type(cfg), values, "the checkpoint's config")
+    merged.validate()
+    wrong = {k: (saved.get(k), v) for k, v in merged.model_shape().items() if saved.get(k) != v}
     if wrong:
         desc = ", ".join(f"{k}={old} in the checkpoint but {new} now" for k, (old, new) in wrong.items())
         raise UserError(f"the checkpoint's model shape differs from the config ({desc}); "
                         "resume with the same model settings or start a fresh --checkpoint_dir")
-    for key, (old, new) in _config_changes(saved_cfg, cfg).items():
-        log.info("resume: %s changed from %r to %r", key, old, new)
+    for key, value in config_to_dict(merged).items():
+        if key in saved and saved[key] != value and key != "resume":
+            log.info("resume: %s changed from %r to %r", key, saved[key], value)
+    return merged
 
 
 class _Progress:
@@ -138,21 +147,23 @@ class _Progress:
 # ---------------------------------------------------------------------------- the run
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, spec: ModelSpec) -> None:
-        self.cfg, self.ctx, self.spec = cfg, ctx, spec
+    def __init__(self, cfg: TrainConfig, ctx: DistContext,
+                 make_spec: Callable[[TrainConfig, DistContext], ModelSpec], explicit: set[str]) -> None:
+        self.ctx = ctx
+        resume_path = self._resolve_resume(cfg)
+        checkpoint = self._make_checkpointer(cfg).load(resume_path) if resume_path else None
+        if checkpoint is not None:
+            cfg = resume_config(checkpoint["config"], cfg, explicit)
+            setup_logging(Path(cfg.log_dir), is_main=ctx.is_main, rank=ctx.rank)  # the run's own log_dir
+        self.cfg = cfg
+        self.checkpointer = self._make_checkpointer(cfg)
+        self.spec = spec = make_spec(cfg, ctx)
         self.index = DatasetIndex.open(cfg.data_dir)
         if self.index.vocab_size > cfg.vocab_size:
             raise UserError(f"the dataset's tokenizer has {self.index.vocab_size} tokens but --vocab_size is "
                             f"{cfg.vocab_size}; set --vocab_size {self.index.vocab_size}")
         self.grad_accum = gradient_accumulation_steps(cfg, ctx.world_size)
         self.max_steps = planned_steps(cfg, self.index)
-        self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep_rolling=cfg.keep_rolling,
-                                         keep_epoch=cfg.keep_epoch, async_save=cfg.async_checkpoint,
-                                         enabled=ctx.is_main)
-        resume_path = self._resolve_resume()
-        checkpoint = self.checkpointer.load(resume_path) if resume_path else None
-        if checkpoint is not None:
-            _check_resumable(checkpoint["config"], cfg)
 
         # Same seed everywhere for the init (DDP broadcasts rank 0's weights anyway); a per-rank
         # stream afterwards so dropout masks differ between ranks.
@@ -189,20 +200,25 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _resolve_resume(self) -> Path | None:
-        """Rank 0 picks (and validates) the checkpoint; every rank then loads the same file."""
-        path = rank0_decides(self._choose_checkpoint, self.ctx)
-        return Path(path) if path is not None else None
+    def _make_checkpointer(self, cfg: TrainConfig) -> Checkpointer:
+        return Checkpointer(cfg.checkpoint_dir, keep_rolling=cfg.keep_rolling, keep_epoch=cfg.keep_epoch,
+                            async_save=cfg.async_checkpoint, enabled=self.ctx.is_main)
 
-    def _choose_checkpoint(self) -> str | None:
-        if self.cfg.resume:
-            path = self.checkpointer.resolve(self.cfg.resume)
-            return str(path) if path is not None else None
-        if self.checkpointer.list():
-            # A fresh run would overwrite latest.pt of the run already there: refuse instead.
-            raise UserError(f"{self.cfg.checkpoint_dir} already holds checkpoints; continue that run with "
-                            "--resume latest (or --resume auto), or start fresh with another --checkpoint_dir")
-        return None
+    def _resolve_resume(self, cfg: TrainConfig) -> Path | None:
+        """Rank 0 picks (and validates) the checkpoint; every rank then loads the same file."""
+        def choose() -> str | None:
+            checkpointer = self._make_checkpointer(cfg)
+            if cfg.resume:
+                path = checkpointer.resolve(cfg.resume)
+                return str(path) if path is not None else None
+            if checkpointer.list():
+                # A fresh run would overwrite latest.pt of the run already there: refuse instead.
+                raise UserError(f"{cfg.checkpoint_dir} already holds checkpoints; continue that run with "
+                                "--resume latest (or --resume auto), or start fresh with another --checkpoint_dir")
+            return None
+
+        path = rank0_decides(choose, self.ctx)
+        return Path(path) if path is not None else None
 
     def _restore(self, ckpt: dict[str, Any], path: Path | None) -> None:
         model_state = ckpt["model"]
@@ -225,7 +241,7 @@ class Trainer:
         if saved_world != self.ctx.world_size:
             log.info("resume: world size changed from %s to %d; each step still consumes the same "
                      "%d samples", saved_world, self.ctx.world_size, self.cfg.total_batch_size // self.cfg.block_size)
-        log.info("resumed from %s at step %d (epoch %d, val_loss %s)", path, self.step, self.loader.epoch,
+        log.info("resumed from %s at step %d (epoch %.2f, val_loss %s)", path, self.step, self.loader.epoch_progress(),
                  f"{self.last_val_loss:.4f}" if self.last_val_loss is not None else "n/a")
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -237,7 +253,8 @@ class Trainer:
             model = torch.compile(model)
         if self.ctx.distributed:
             device_ids = [self.ctx.local_rank] if self.ctx.device.type == "cuda" else None
-            model = DDP(model, device_ids=device_ids)
+            # Gradients live in DDP's buckets: no copy between them and .grad.
+            model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
         return model
 
     def _peak_flops(self) -> tuple[float | None, str]:
@@ -246,7 +263,7 @@ class Trainer:
             return peak, "bf16 table peak of the GPU"
         if self.ctx.device.type == "cpu":
             # Measured with the same thread budget the rank trains with: the CPU's own MFU.
-            return measure_matmul_peak(self.ctx.device, n=1024, repeats=3), "measured fp32 matmul peak"
+            return measure_matmul_peak(self.ctx.device, n=1024, repeats=8), "measured fp32 matmul peak"
         return None, "unknown"
 
     # -- state -----------------------------------------------------------------------------
@@ -260,7 +277,7 @@ class Trainer:
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
-            "epoch": self.loader.epoch,
+            "epoch": self.epochs_completed(),
             "val_loss": self.last_val_loss,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "config": config_to_dict(self.cfg),
@@ -293,7 +310,7 @@ class Trainer:
         state = self._checkpoint_state()
         if state is not None:
             try:
-                self.checkpointer.save(state, step=self.step, epoch=self.loader.epoch,
+                self.checkpointer.save(state, step=self.step, epoch=self.epochs_completed(),
                                        val_loss=self.last_val_loss, tiers=tiers)
             except CheckpointError as err:
                 raise RunFailed(str(err)) from None
@@ -311,7 +328,8 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         reader = ValReader(self.cfg.data_dir, block_size=self.cfg.block_size, micro_batch_size=self.cfg.batch_size,
-                           rank=self.ctx.rank, world_size=self.ctx.world_size, max_batches=self.cfg.eval_batches)
+                           rank=self.ctx.rank, world_size=self.ctx.world_size, max_batches=self.cfg.eval_batches,
+                           device=self.ctx.device)
         total = torch.zeros((), device=self.ctx.device)
         batches = 0
         for x, y in reader:
@@ -368,6 +386,9 @@ class Trainer:
             loss_sum += loss.detach()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        next_step = self.step + 1
+        if self.cfg.histogram_freq and next_step % self.cfg.histogram_freq == 0:
+            self.run_logger.log_histograms(next_step, self.raw_model)  # while the gradients exist
         return all_reduce_mean(loss_sum / self.grad_accum, self.ctx), grad_norm
 
     def _log_step(self, loss: float, grad_norm: float, lr: float, step_time: float, timer: StepTimer,
@@ -376,7 +397,7 @@ class Trainer:
         mfu = (self.flops_per_token * tokens_per_sec / (self.peak_flops * self.ctx.world_size)
                if self.peak_flops else None)
         metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                   "step_time": step_time, "tokens": self.tokens_seen, "epoch": self.loader.epoch,
+                   "step_time": step_time, "time": time.time(), "tokens": self.tokens_seen, "epoch": self.loader.epoch_progress(),
                    **({"mfu": mfu} if mfu is not None else {}), **memory_stats(self.ctx.device)}
         self.run_logger.log_step(self.step, metrics)
         eta = format_duration(timer.eta_seconds(self.max_steps - self.step))
@@ -402,7 +423,7 @@ class Trainer:
                 while self.step < self.max_steps:
                     lr = lr_at(self.step, max_lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                                max_steps=self.max_steps, min_lr_ratio=cfg.min_lr_ratio)
-                    epoch_before = self.loader.epoch
+                    epochs_before = self.epochs_completed()
                     loss_t, grad_norm_t = self._train_step(lr)
                     loss, grad_norm = loss_t.item(), grad_norm_t.item()
                     if not math.isfinite(loss):
@@ -415,7 +436,7 @@ class Trainer:
                     self.tokens_seen += cfg.total_batch_size
                     step_time = timer.lap()
                     self._log_step(loss, grad_norm, lr, step_time, timer, progress)
-                    self._after_step(epoch_before)
+                    self._after_step(epochs_before)
                     if self.ctx.is_main:
                         self._raise_if_write_failed()
                     if self.shutdown.should_stop(self.ctx.device):
@@ -430,7 +451,10 @@ class Trainer:
         self._finish()
         return 0
 
-    def _after_step(self, epoch_before: int) -> None:
+    def epochs_completed(self) -> int:
+        return math.floor(self.loader.epoch_progress())
+
+    def _after_step(self, epochs_before: int) -> None:
         """Evaluation, histograms and checkpoints due after this step. Every name a step earns
         is saved in one write (the other names are hard links to it)."""
         cfg, step = self.cfg, self.step
@@ -438,19 +462,23 @@ class Trainer:
         if step % cfg.eval_freq == 0 or step == self.max_steps:
             if self._evaluate_and_log():
                 tiers.add("best")
-        if cfg.histogram_freq and step % cfg.histogram_freq == 0:
-            self.run_logger.log_histograms(step, self.raw_model)
         if step % cfg.checkpoint_freq == 0:
             tiers |= {"latest", "rolling"}
-        if self.loader.epoch != epoch_before:
-            tiers.add("epoch")  # an epoch ended inside this step
+        if self.epochs_completed() != epochs_before:
+            tiers.add("epoch")  # an epoch ended inside this step (decided alike on every rank)
         if step == self.max_steps:
             tiers |= {"latest", "final"}
         if tiers:
             self.save(tiers, wait="final" in tiers)
         if cfg.viz_freq and step % cfg.viz_freq == 0 and self.ctx.is_main:
-            from common.plots import write_plots
-            write_plots(Path(cfg.log_dir))
+            self._write_plots()
+
+    def _write_plots(self) -> None:
+        from common.plots import write_plots  # matplotlib only when charts are asked for
+        try:
+            write_plots(Path(self.cfg.log_dir))
+        except Exception as err:  # a chart must never end a run
+            log.warning("could not write the PNG charts: %s", err)
 
     def _raise_if_write_failed(self) -> None:
         try:
@@ -497,14 +525,18 @@ class Trainer:
         self.loader.close()
 
 
-def train(cfg: TrainConfig, make_spec: Callable[[TrainConfig, DistContext], ModelSpec]) -> int:
-    """Run a training job from a validated config; the entry scripts' whole `main`."""
+def train(cfg: TrainConfig, make_spec: Callable[[TrainConfig, DistContext], ModelSpec],
+          explicit: set[str] | None = None) -> int:
+    """Run a training job: the entry scripts' whole `main`.
+
+    `explicit` names the fields the user set (in --config or as flags); on resume every other
+    field comes from the checkpoint's config.
+    """
     ctx = init_distributed(cfg.device, cfg.cpu_threads)
     setup_logging(Path(cfg.log_dir), is_main=ctx.is_main, rank=ctx.rank)
     trainer: Trainer | None = None
     try:
-        spec = make_spec(cfg, ctx)
-        trainer = Trainer(cfg, ctx, spec)
+        trainer = Trainer(cfg, ctx, make_spec, explicit if explicit is not None else set())
         return trainer.run()
     finally:
         if trainer is not None:
