@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import logging
-import math
-import os
 import pickle
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ContextManager
+from typing import Any, ContextManager
 
 import torch
 
-from common.checkpoint import SIDECAR_VERSION, sidecar_path
+from common.checkpoint import sha256_file as sha256_of
+from common.checkpoint import write_checkpoint
 from common.errors import UserError, run_cli
 from common.fp8 import export_plain_state_dict
 
@@ -102,14 +98,6 @@ def plain_values(obj: Any) -> Any:
     return obj
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_export(ckpt: dict[str, Any], source: Path, source_sha256: str) -> dict[str, Any]:
     try:
         model = export_plain_state_dict(ckpt["model"])
@@ -129,67 +117,6 @@ def build_export(ckpt: dict[str, Any], source: Path, source_sha256: str) -> dict
     return out
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(dest: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """write(file) into a temporary file beside dest, fsync, rename over dest, fsync the directory."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dest.parent)
-
-
-def _finite_or_none(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def write_checkpoint(data: dict[str, Any], dest: Path) -> dict[str, Any]:
-    """The checkpoint, then its sidecar, in common/checkpoint.py's sidecar format and order: an
-    old sidecar goes first, so a sidecar only ever describes the complete file beside it."""
-    side = sidecar_path(dest)
-    if side.exists():
-        side.unlink()
-        _fsync_dir(dest.parent)
-    _atomic_write(dest, lambda fh: torch.save(data, fh))
-    record = {
-        "format_version": SIDECAR_VERSION,
-        "file": dest.name,
-        "step": data.get("step"),
-        "epoch": data.get("epoch"),
-        "val_loss": _finite_or_none(data.get("val_loss")),
-        "size": dest.stat().st_size,
-        "sha256": sha256_of(dest),
-        "written_at": datetime.now(timezone.utc).isoformat(),
-        "meta": data.get("meta", {}),
-    }
-    text = json.dumps(record, indent=2, default=str) + "\n"
-    _atomic_write(side, lambda fh: fh.write(text.encode("utf-8")))
-    return record
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
@@ -204,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     exported = build_export(ckpt, source, sha256_of(source))
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        sidecar = write_checkpoint(exported, dest)
+        sidecar = write_checkpoint(exported, dest, step=exported.get("step"), epoch=exported.get("epoch"),
+                                   val_loss=exported.get("val_loss"))
     except OSError as err:
         raise UserError(f"cannot write {dest}: {err.strerror or err}") from None
     log.info("wrote %s (%d tensors, step %s, from %s precision %s); %s", dest, len(exported["model"]),

@@ -28,6 +28,9 @@ as invalid (never loaded by `--resume latest`), so an interrupted write or rotat
 checkpoint look invalid but can never make an invalid one look valid. Temporary files start
 with `.ckpt-tmp-` and never match a checkpoint name; `prepare()` removes leftovers.
 
+`write_checkpoint(state, path, ...)` is the same protocol for one file outside a Checkpointer
+(steps 1 and 2 for a single name, no rotation): src/export_checkpoint.py writes with it.
+
 Asynchronous saves: the caller blocks only while every tensor is copied to CPU memory (the
 snapshot); a single background thread writes the snapshot; at most one write is in flight. A
 failed background write is raised as CheckpointError by the next `check_failed()`, `wait()`
@@ -56,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .errors import UserError
+from .fsutil import atomic_write_bytes, fsync_dir
 
 if TYPE_CHECKING:  # torch is imported lazily so listing and validation stay fast
     import torch
@@ -104,21 +108,6 @@ def sidecar_path(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make renames and unlinks in `directory` durable (no-op where directories can't be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _unlink(path: Path) -> bool:
     try:
         path.unlink()
@@ -152,7 +141,8 @@ def _read_sidecar(path: Path) -> tuple[dict | None, str]:
     return record, "ok"
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's contents, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -189,7 +179,7 @@ def validate_checkpoint(path: Path, *, full: bool = True, _cache: HashCache | No
     sha = _cache.get(key) if _cache is not None else None
     if sha is None:
         try:
-            sha = _sha256_file(path)
+            sha = sha256_file(path)
         except OSError as err:
             return False, f"unreadable: {err.strerror or err}"
         if _cache is not None:
@@ -423,15 +413,6 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _write_json_atomic(path: Path, record: dict, tmp_path: Path) -> None:
-    data = json.dumps(record, indent=2, default=_json_default).encode("utf-8") + b"\n"
-    with open(tmp_path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-
-
 def _finite_or_none(value: Any) -> float | None:
     if value is None:
         return None
@@ -465,6 +446,105 @@ def _find_os_error(exc: BaseException | None) -> OSError | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _new_token() -> str:
+    """Unique part of one save's temporary names: `TMP_PREFIX + token + ...`."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _write_data(state: dict, path: Path) -> tuple[int, str]:
+    """Protocol step 1: `torch.save` into the new file `path`, fsynced; (size, sha256) of its bytes."""
+    import torch
+
+    # O_EXCL: a temporary name is never shared; buffering=0 so fsync sees every byte and the
+    # hash covers exactly what reached the file.
+    with open(path, "xb", buffering=0) as f:
+        writer = _HashingWriter(f)
+        try:
+            torch.save(state, writer)
+        except Exception as exc:
+            if writer.error is not None and writer.error is not exc:
+                raise writer.error from exc
+            raise
+        os.fsync(f.fileno())
+    return writer.size, writer.hexdigest()
+
+
+def _sidecar_record(
+    file: str | None, state: Any, *, step: int | None, epoch: int | None, val_loss: float | None, size: int,
+    sha256: str, saved_as: list[str] | None = None,
+) -> dict:
+    """The sidecar of a checkpoint file: what validation and listing read instead of the file.
+
+    `meta` is the state's "meta" dict; `saved_as` (the names of one save) is included when given.
+    """
+    record = {
+        "format_version": SIDECAR_VERSION,
+        "file": file,
+        "step": None if step is None else int(step),
+        "epoch": None if epoch is None else int(epoch),
+        "val_loss": _finite_or_none(val_loss),
+        "size": size,
+        "sha256": sha256,
+        "written_at": datetime.now(timezone.utc).isoformat(),
+    }
+    if saved_as is not None:
+        record["saved_as"] = list(saved_as)
+    record["meta"] = dict(state.get("meta") or {}) if isinstance(state, dict) else {}
+    return record
+
+
+def _publish(target: Path, record: dict, token: str, stage: Callable[[], Path]) -> None:
+    """Protocol step 2 for one name: `stage()` returns a temporary file beside `target` that holds
+    the complete, fsynced data (it is called only after the old sidecar is gone)."""
+    directory = target.parent
+    side = sidecar_path(target)
+    # 1. The old sidecar goes first: from here until step 3 the name has no sidecar, so it
+    #    never has a sidecar that describes other bytes than its data file.
+    if _unlink(side):
+        fsync_dir(directory)
+    # 2. The data, atomically: a complete, fsynced file appears under the name.
+    staged = stage()
+    os.replace(staged, target)
+    _unlink(staged)  # rename() of two links to one inode is a no-op; never the case here
+    fsync_dir(directory)
+    # 3. The sidecar, atomically, after its data file is durable (atomic_write fsyncs the directory).
+    data = json.dumps(record, indent=2, default=_json_default).encode("utf-8") + b"\n"
+    atomic_write_bytes(side, data, tmp_name=f"{TMP_PREFIX}{token}.json-{target.name}")
+
+
+def _remove_temps(directory: Path, token: str) -> None:
+    try:
+        for entry in directory.glob(f"{TMP_PREFIX}{token}*"):
+            _unlink(entry)
+    except OSError:
+        pass
+
+
+def write_checkpoint(state: dict, path: Path, *, step: int | None, epoch: int | None,
+                     val_loss: float | None) -> dict:
+    """Write one checkpoint file `path` and its sidecar, crash-safe; returns the sidecar record.
+
+    The write protocol of the module docstring for a single name and no rotation: `torch.save`
+    into a temporary file (sha256 taken from the bytes as written), fsync; remove the old
+    sidecar; rename the data onto `path`; then the sidecar (file, step, epoch, val_loss, size,
+    sha256, written_at and the state's meta, as the Checkpointer writes them). `path`'s
+    directory must exist. On failure (OSError, ...) the temporary files are removed, the
+    exception propagates, and `path` is the old file or the new one, with a sidecar only if
+    it describes that file.
+    """
+    path = Path(path)
+    token = _new_token()
+    data_tmp = path.parent / f"{TMP_PREFIX}{token}.data"
+    try:
+        size, sha = _write_data(state, data_tmp)
+        record = _sidecar_record(path.name, state, step=step, epoch=epoch, val_loss=val_loss, size=size, sha256=sha)
+        _publish(path, record, token, lambda: data_tmp)
+    except BaseException:
+        _remove_temps(path.parent, token)
+        raise
+    return record
 
 
 class Checkpointer:
@@ -513,7 +593,7 @@ class Checkpointer:
             if entry.is_file() or entry.is_symlink():
                 removed += _unlink(entry)
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             logger.info("removed %d temporary file(s) left by an interrupted save in %s", removed, self.directory)
 
     def kept_set_checkpoints(self) -> int:
@@ -674,27 +754,18 @@ class Checkpointer:
 
     def _write(self, state: dict, names: list[str], step: int, epoch: int, val_loss: float | None) -> None:
         started = time.perf_counter()
-        token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        token = _new_token()
         data_tmp = self.directory / f"{TMP_PREFIX}{token}.data"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            size, sha = self._write_data(state, data_tmp)
-            record = {
-                "format_version": SIDECAR_VERSION,
-                "file": None,
-                "step": int(step),
-                "epoch": None if epoch is None else int(epoch),
-                "val_loss": _finite_or_none(val_loss),
-                "size": size,
-                "sha256": sha,
-                "written_at": datetime.now(timezone.utc).isoformat(),
-                "saved_as": list(names),
-                "meta": dict(state.get("meta") or {}) if isinstance(state, dict) else {},
-            }
+            size, sha = _write_data(state, data_tmp)
+            record = _sidecar_record(
+                None, state, step=step, epoch=epoch, val_loss=val_loss, size=size, sha256=sha, saved_as=names,
+            )
             for name in names:
                 self._publish(data_tmp, name, token, dict(record, file=name))
         except BaseException as exc:
-            self._remove_temps(token)
+            _remove_temps(self.directory, token)
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not ours to convert
                 raise
             raise CheckpointError(self._failure_message(exc)) from exc
@@ -717,22 +788,6 @@ class Checkpointer:
             detail = f"{type(exc).__name__}: {exc}"
         return f"checkpoint write to {self.directory} failed: {detail}; earlier checkpoints are intact"
 
-    def _write_data(self, state: dict, path: Path) -> tuple[int, str]:
-        import torch
-
-        # O_EXCL: a temporary name is never shared; buffering=0 so fsync sees every byte and the
-        # hash covers exactly what reached the file.
-        with open(path, "xb", buffering=0) as f:
-            writer = _HashingWriter(f)
-            try:
-                torch.save(state, writer)
-            except Exception as exc:
-                if writer.error is not None and writer.error is not exc:
-                    raise writer.error from exc
-                raise
-            os.fsync(f.fileno())
-        return writer.size, writer.hexdigest()
-
     def _link_or_copy(self, source: Path, target: Path) -> None:
         try:
             os.link(source, target)
@@ -751,28 +806,14 @@ class Checkpointer:
             os.fsync(f.fileno())
 
     def _publish(self, data_tmp: Path, name: str, token: str, record: dict) -> None:
-        target = self.directory / name
-        side = sidecar_path(target)
-        # 1. The old sidecar goes first: from here until step 3 the name has no sidecar, so it
-        #    never has a sidecar that describes other bytes than its data file.
-        if _unlink(side):
-            _fsync_dir(self.directory)
-        # 2. The data, atomically: a complete, fsynced file appears under the name.
+        """Publish the save's data under `name`: a hard link (or copy) of `data_tmp`, see `_publish`."""
         link_tmp = self.directory / f"{TMP_PREFIX}{token}.link-{name}"
-        self._link_or_copy(data_tmp, link_tmp)
-        os.replace(link_tmp, target)
-        _unlink(link_tmp)  # rename() of two links to one inode is a no-op; never the case here
-        _fsync_dir(self.directory)
-        # 3. The sidecar, atomically, after its data file is durable.
-        _write_json_atomic(side, record, self.directory / f"{TMP_PREFIX}{token}.json-{name}")
-        _fsync_dir(self.directory)
 
-    def _remove_temps(self, token: str) -> None:
-        try:
-            for entry in self.directory.glob(f"{TMP_PREFIX}{token}*"):
-                _unlink(entry)
-        except OSError:
-            pass
+        def stage() -> Path:
+            self._link_or_copy(data_tmp, link_tmp)
+            return link_tmp
+
+        _publish(self.directory / name, record, token, stage)
 
     def _rotate(self, just_written: set[str]) -> None:
         """Keep the newest keep_rolling step files and keep_epoch epoch files.
@@ -805,7 +846,7 @@ class Checkpointer:
                 except OSError as err:
                     logger.warning("could not delete old checkpoint %s: %s", stem, err.strerror or err)
         if deleted:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     # ---- finding and loading ----------------------------------------------------------------
 

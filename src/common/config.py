@@ -18,6 +18,7 @@ from typing import Any, Sequence, TypeVar, Union, get_args, get_origin, get_type
 
 from common import __version__
 from common.errors import UserError
+from common.fsutil import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -247,9 +248,7 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- command line

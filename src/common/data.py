@@ -35,6 +35,7 @@ import lz4.frame
 import numpy as np
 
 from common.errors import UserError
+from common.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:  # torch is imported lazily: prepare_data.py must not pay for it
     import torch
@@ -61,36 +62,6 @@ _PREPARE_HINT = "prepare it with `python src/prepare_data.py --dataset stdlib --
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable (no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, then rename over `path`.
-
-    Readers see the old file or the complete new one, never a partial write.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
 
 
 def is_compressed(path: Path | str) -> bool:

@@ -23,9 +23,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterator
 
 from common.errors import UserError
+from common.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,13 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
-def _read_rows(path: Path) -> Iterable[dict[str, Any]]:
-    """Rows of a metrics.jsonl; lines that do not parse (a crash mid-write) are skipped."""
-    with path.open("r", encoding="utf-8", errors="replace") as f:
+def read_metrics_rows(path: Path, *, on_skip: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of a metrics.jsonl (JSON objects, one a line), in file order.
+
+    Blank lines are ignored. A line that is not JSON, or JSON but not an object (a crash
+    mid-write leaves a truncated last line), is skipped and passed to ``on_skip`` when given.
+    """
+    with Path(path).open("r", encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -161,10 +166,11 @@ def _read_rows(path: Path) -> Iterable[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                log.warning("%s: skipping a line that is not JSON (interrupted write?)", path)
-                continue
+                row = None
             if isinstance(row, dict):
                 yield row
+            elif on_skip is not None:
+                on_skip(line)
 
 
 def truncate_metrics(path: Path, keep_through_step: int) -> int:
@@ -174,19 +180,17 @@ def truncate_metrics(path: Path, keep_through_step: int) -> int:
     """
     if not path.exists():
         return 0
+    def warn(_line: str) -> None:
+        log.warning("%s: skipping a line that is not a JSON object (interrupted write?)", path)
+
     kept: list[str] = []
     total = 0
-    for row in _read_rows(path):
+    for row in read_metrics_rows(path, on_skip=warn):
         total += 1
         step = row.get("step")
         if isinstance(step, (int, float)) and step <= keep_through_step:
             kept.append(json.dumps(row))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     return total - len(kept)
 
 

@@ -9,19 +9,18 @@ backend, nothing global changed in the process.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from common.errors import UserError
+from common.fsutil import atomic_write
+from common.logger import METRICS_FILE, read_metrics_rows
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 PLOTS_SUBDIR = "plots"
 OVERVIEW_FILE = "training_latest.png"
 
@@ -58,24 +57,20 @@ def read_metrics(path: Path) -> Metrics:
     train: dict[int, dict[str, Any]] = {}
     evals: dict[int, dict[str, Any]] = {}
     skipped = 0
-    with path.open("r", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
-                skipped += 1
-                continue
-            step = int(row["step"])
-            if "val_loss" in row:
-                evals[step] = row
-            if "loss" in row:
-                train[step] = row
+
+    def skip(_line: str) -> None:
+        nonlocal skipped
+        skipped += 1
+
+    for row in read_metrics_rows(path, on_skip=skip):
+        if not isinstance(row.get("step"), (int, float)):
+            skipped += 1
+            continue
+        step = int(row["step"])
+        if "val_loss" in row:
+            evals[step] = row
+        if "loss" in row:
+            train[step] = row
     if skipped:
         log.warning("%s: skipped %d line(s) that are not metric rows", path, skipped)
     return Metrics(train=[train[s] for s in sorted(train)], evals=[evals[s] for s in sorted(evals)])
@@ -201,12 +196,9 @@ def _save_atomic(fig: Any, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Not fsynced (durable=False): charts are regenerated every viz_freq steps, and an fsync in
+    # the training loop could wait for a checkpoint's data being written in the background.
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), durable=False)
 
 
 def write_plots(log_dir: Path, out_dir: Path | None = None, window: int = 50) -> list[Path]:
