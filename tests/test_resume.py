@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.checkpoint import validate_checkpoint
 from conftest import prepare_ok
@@ -24,7 +25,8 @@ SCRIPTS = ["train_improved.py", "train_fp8.py"]
 def _flags(script: str, *extra: str) -> list[str]:
     """The run every test here compares against (TINY_FLAGS and directories come on top)."""
     fp8 = ["--use_fp8"] if script == "train_fp8.py" else []  # falls back on this CPU machine
-    return ["--max_steps", str(STEPS), "--eval_freq", "10", "--checkpoint_freq", "1000", *fp8, *extra]
+    return ["--max_steps", str(STEPS), "--eval_freq", "10", "--checkpoint_freq", "1000", "--use_tensorboard",
+            *fp8, *extra]
 
 
 def _interrupt(tmp: Path, data: Path, script: str, sig: signal.Signals, *, at_step: int = 6,
@@ -80,6 +82,14 @@ def test_sigterm_to_torchrun_then_resume_is_bit_identical(prepared_data: Path, t
     losses = step_losses(tmp_path / "logs")
     for step in range(stopped_at + 1, STEPS + 1):
         assert losses[step] == reference[script][step], f"step {step}"  # bit-identical
+    # TensorBoard, read back with its own reader: every step exactly once across stop and resume.
+    events = EventAccumulator(str(tmp_path / "logs" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for tag in ("train/loss", "train/lr", "perf/tokens_per_sec"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(1, STEPS + 1)), tag
+    assert [e.step for e in events.Scalars("val/loss")] == [10, 20, 30]
+    tb_losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert all(tb_losses[s] == pytest.approx(losses[s]) for s in losses)
 
 
 def test_stop_at_two_ranks_resume_at_one(prepared_data: Path, tmp_path: Path,

@@ -104,3 +104,14 @@ def test_version_and_print_config() -> None:
     assert proc.returncode == 0 and proc.stdout.startswith("llm-pretrain-suite ")
     proc = run([sys.executable, str(SRC / "train_improved.py"), "--config", "configs/tiny_cpu.json", "--print_config"])
     assert proc.returncode == 0 and '"n_embd": 128' in proc.stdout
+
+
+def test_fp8_script_on_cpu_refuses_require_fp8_and_prints_its_checkpoint_dir(prepared_data: Path, tmp_path: Path) -> None:
+    script = [sys.executable, str(SRC / "train_fp8.py")]
+    proc = run([*script, "--print_config"])
+    assert proc.returncode == 0 and '"checkpoint_dir": "./checkpoints_fp8"' in proc.stdout
+    proc = run([*script, *TINY_FLAGS, *run_dirs(tmp_path, prepared_data), "--use_fp8", "--require_fp8"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "--require_fp8" in line and "TransformerEngine" in line
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
