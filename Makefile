@@ -65,7 +65,7 @@ checkpoints:
 	bash shell/list_checkpoints.sh $(ARGS)
 
 resume: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash shell/resume_training.sh $(ARGS)
+	NPROC=$(NPROC) PATH="$(abspath $(VENV))/bin:$$PATH" bash shell/resume_training.sh $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

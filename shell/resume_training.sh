@@ -7,8 +7,8 @@
 # GPU (N from `nvidia-smi -L`; 1 without GPUs; NPROC=N overrides) on src/train_improved.py, or on
 # src/train_fp8.py with --fp8 (whose default checkpoint directory is ./checkpoints_fp8). Every other
 # flag goes to the trainer after `--resume latest`; a --resume of your own replaces that. The
-# checkpoint directory is the trainer's default (or your --config / --checkpoint_dir), so pass the
-# same --config and --checkpoint_dir as the run you resume.
+# checkpoint directory is the trainer's default unless you pass --checkpoint_dir; the run's own
+# configuration comes from the checkpoint (flags you add override it).
 #
 # Environment: NPROC (processes on this node), TORCHRUN (launcher, default .venv/bin/torchrun,
 # else torchrun on PATH), TORCHRUN_ARGS (replaces --standalone, e.g. for several nodes:

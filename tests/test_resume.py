@@ -201,3 +201,10 @@ def test_resume_refusals_and_auto(prepared_data: Path, tmp_path: Path) -> None:
     assert (tmp_path / "ckpt" / "latest.pt").read_bytes() == before  # nothing saved was touched
     done = run([*single, "--max_steps", "2", "--resume", "auto"])
     assert done.returncode == 0 and "nothing left to train" in done.stderr
+    # `--resume latest` alone continues with the checkpoint's own config (model, data, batch).
+    bare = run([sys.executable, str(SRC / "train_improved.py"), "--checkpoint_dir", str(tmp_path / "ckpt"),
+                "--resume", "latest", "--max_steps", "3"])
+    assert bare.returncode == 0, bare.stderr
+    resumed = load_checkpoint(tmp_path / "ckpt" / "latest.pt")
+    assert resumed["step"] == 3 and resumed["config"]["n_embd"] == 32
+    assert resumed["config"]["data_dir"] == str(prepared_data)
