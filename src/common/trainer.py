@@ -101,10 +101,10 @@ def planned_steps(cfg: TrainConfig, index: DatasetIndex) -> int:
 _NOT_INHERITED = ("resume", "device", "cpu_threads")
 
 
-def resume_config(saved: dict[str, Any], cfg: C, explicit: set[str]) -> C:
+def resume_config(saved: dict[str, Any], cfg: C, explicit: set[str]) -> tuple[C, dict[str, tuple[Any, Any]]]:
     """The config a resumed run continues with: the checkpoint's own, with every field the user
-    set now (in --config or as a flag) on top. `--resume latest` alone thus continues the run as
-    it was; a model shape different from the checkpoint's is refused."""
+    set now (in --config or as a flag) on top, and what differs from the saved one. `--resume
+    latest` alone thus continues the run as it was; a different model shape is refused."""
     known = {f.name for f in fields(cfg)}
     values = {k: v for k, v in saved.items() if k in known}
     values.update({k: getattr(cfg, k) for k in set(explicit) | set(_NOT_INHERITED)})
@@ -115,10 +115,9 @@ def resume_config(saved: dict[str, Any], cfg: C, explicit: set[str]) -> C:
         desc = ", ".join(f"{k}={old} in the checkpoint but {new} now" for k, (old, new) in wrong.items())
         raise UserError(f"the checkpoint's model shape differs from the config ({desc}); "
                         "resume with the same model settings or start a fresh --checkpoint_dir")
-    for key, value in config_to_dict(merged).items():
-        if key in saved and saved[key] != value and key != "resume":
-            log.info("resume: %s changed from %r to %r", key, saved[key], value)
-    return merged
+    changes = {k: (saved[k], v) for k, v in config_to_dict(merged).items()
+               if k in saved and saved[k] != v and k != "resume"}
+    return merged, changes
 
 
 class _Progress:
@@ -152,9 +151,12 @@ class Trainer:
         self.ctx = ctx
         resume_path = self._resolve_resume(cfg)
         checkpoint = self._make_checkpointer(cfg).load(resume_path) if resume_path else None
+        changes: dict[str, tuple[Any, Any]] = {}
         if checkpoint is not None:
-            cfg = resume_config(checkpoint["config"], cfg, explicit)
-            setup_logging(Path(cfg.log_dir), is_main=ctx.is_main, rank=ctx.rank)  # the run's own log_dir
+            cfg, changes = resume_config(checkpoint["config"], cfg, explicit)
+        setup_logging(Path(cfg.log_dir), is_main=ctx.is_main, rank=ctx.rank)  # the run's own log_dir
+        for key, (old, new) in changes.items():
+            log.info("resume: %s changed from %r to %r", key, old, new)
         self.cfg = cfg
         self.checkpointer = self._make_checkpointer(cfg)
         self.spec = spec = make_spec(cfg, ctx)
@@ -533,7 +535,10 @@ def train(cfg: TrainConfig, make_spec: Callable[[TrainConfig, DistContext], Mode
     field comes from the checkpoint's config.
     """
     ctx = init_distributed(cfg.device, cfg.cpu_threads)
-    setup_logging(Path(cfg.log_dir), is_main=ctx.is_main, rank=ctx.rank)
+    # A resumed run writes its log where it did before (its log_dir is in the checkpoint): until
+    # that is known, log to the console only, unless --log_dir was given.
+    resuming_elsewhere = bool(cfg.resume) and "log_dir" not in (explicit or set())
+    setup_logging(None if resuming_elsewhere else Path(cfg.log_dir), is_main=ctx.is_main, rank=ctx.rank)
     trainer: Trainer | None = None
     try:
         trainer = Trainer(cfg, ctx, make_spec, explicit if explicit is not None else set())
