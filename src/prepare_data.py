@@ -28,6 +28,7 @@ import sys
 import sysconfig
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -349,8 +350,11 @@ def _one_line(err: BaseException) -> str:
 
 def write_stream(writer: DatasetWriter, source: Source, tokenizer: str, workers: int) -> bool:
     """Feed the source's tokens to the writer; True if the source was read to its end."""
-    # The pool forks before any other thread (tqdm's monitor) exists.
-    pool = multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer,)) if workers > 1 else None
+    # concurrent.futures rather than multiprocessing.Pool: Pool.terminate() can deadlock when a
+    # worker is stopped while it holds the task queue's lock (seen here when --max_tokens ends
+    # the run early). Spawned workers: the parent already runs threads (tqdm, datasets).
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_pool_worker, initargs=(tokenizer,)) if workers > 1 else None
     progress = Progress(total=writer.max_tokens)
     stream = tokenize(source.documents(), tokenizer, pool, workers)
     seen_chars = 0
@@ -369,8 +373,8 @@ def write_stream(writer: DatasetWriter, source: Source, tokenizer: str, workers:
         stream.close()
         progress.close()
         if pool is not None:
-            pool.terminate()  # at once, also when --max_tokens ends the run early
-            pool.join()
+            # Queued chunks are dropped; the few running ones finish in a fraction of a second.
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def tokenize(documents: Iterator[str], tokenizer: str, pool: Any, workers: int) -> Iterator[tuple[np.ndarray, int]]:
@@ -384,13 +388,13 @@ def tokenize(documents: Iterator[str], tokenizer: str, pool: Any, workers: int) 
     # A bounded window of tasks in flight: ordered results without reading the whole corpus ahead.
     pending: deque = deque()
     for chunk in chunks:
-        pending.append((pool.apply_async(encode_in_worker, (chunk,)), sum(map(len, chunk))))
+        pending.append((pool.submit(encode_in_worker, chunk), sum(map(len, chunk))))
         if len(pending) >= 2 * workers:
             result, chars = pending.popleft()
-            yield result.get(), chars
+            yield result.result(), chars
     while pending:
         result, chars = pending.popleft()
-        yield result.get(), chars
+        yield result.result(), chars
 
 
 def _init_pool_worker(tokenizer: str) -> None:
