@@ -133,6 +133,7 @@ to run-to-run noise, blind to background threads slowing the steps): **{ov['with
 The forward+backward+optimizer work of one step, median over the steps no pause cut, trainer /
 bare: **{ov.get('step_compute_ratio_median', float('nan')):.3f}** (1 means the trainer's features do not slow the step itself;
 the mean-based "trainer minus bare" row below also carries bursts of machine load).
+{_aa_text(ov)}
 
 Where the trainer's extra time goes (`bench/trainer_probe.py` timers around the trainer's parts
 in the same runs; per measured step, median over the pairs; % of the bare loop's step time):
@@ -143,17 +144,31 @@ in the same runs; per measured step, median over the pairs; % of the bare loop's
 """
 
 
+def _aa_text(ov: dict[str, Any]) -> str:
+    aa = ov.get("aa_control")
+    if not aa:
+        return ""
+    compute = f", per-step median {aa['step_compute_ratio']:.3f}" if aa.get("step_compute_ratio") else ""
+    gc = ov.get("gc_ms_per_step_median")
+    gc_text = (f" Python's garbage collector ran {gc:.1f} ms per trainer step (inside the parts below, "
+               "mostly forward and backward).") if gc is not None else ""
+    return (f"Noise floor (A/A control, the bare loop against a copy of itself, time-sliced the same way, "
+            f"{aa['steps']} steps): tokens/s ratio **{aa['ratio']:.3f}**{compute}; differences of that size "
+            f"between trainer and bare loop are the machine, not the trainer.{gc_text}")
+
+
 def _hardware(r: dict[str, Any]) -> str:
     hw = r["hardware"]
     tiny, m25, th = hw["tiny"], hw["m25"], hw["threads"]
 
-    def row(name: str, d: dict[str, Any], tps_key: str = "tokens_per_sec", mfu_key: str = "mfu") -> str:
+    def row(name: str, d: dict[str, Any], tps_key: str = "tokens_per_sec") -> str:
+        achieved = d["flops_per_token"] * d[tps_key]
         return (f"| {name} | {d['params_total'] / 1e6:.1f}M / {d['params_for_flops'] / 1e6:.1f}M | "
-                f"{d['flops_per_token'] / 1e6:,.1f}M | {_f(d[tps_key])} | {_g(d['flops_per_token'] * d[tps_key])} | "
-                f"{_g(d['peak_fp32_flops'])} | **{100 * d[mfu_key]:.1f}%** | "
+                f"{d['flops_per_token'] / 1e6:,.1f}M | {_f(d[tps_key])} | {_g(achieved)} | "
+                f"{_g(d['peak_fp32_flops'])} | **{100 * achieved / d['peak_fp32_flops']:.1f}%** | "
                 f"{_f(100 * d['mfu_vs_table_peak'], 1, '%') if d.get('mfu_vs_table_peak') else 'n/a'} |")
 
-    trainer_row = dict(tiny, tokens_per_sec=tiny["trainer_tokens_per_sec"], mfu=tiny["trainer_mfu"])
+    trainer_row = dict(tiny, tokens_per_sec=tiny["trainer_tokens_per_sec"])
     thread_rows = "\n".join(f"| {v['threads']}: {v['variant']} | {_f(v['tokens_per_sec'])} | {v['ratio_to_1_thread']:.2f} |"
                              for v in th["variants"])
     return f"""## 2. Hardware use (MFU)
@@ -173,7 +188,9 @@ FLOP/s against the GPU's bf16 data-sheet peak.
 
 The ~25M config counts {m25['params_total']:,} parameters including the (tied) token embedding of
 50,304 x 384; most of its FLOPs are the output head over the GPT-2 vocabulary. Best single peak probe:
-{_g(tiny['peak_fp32_flops_best'])} GFLOP/s (MFU against it: section 1's model {100 * tiny['mfu_vs_best_peak']:.1f}%, 25M {100 * m25['mfu_vs_best_peak']:.1f}%).
+{_g(tiny['peak_fp32_flops_best'])} GFLOP/s (MFU against it: section 1's model
+{100 * tiny['achieved_flops'] / tiny['peak_fp32_flops_best']:.1f}%, 25M {100 * m25['achieved_flops'] / m25['peak_fp32_flops_best']:.1f}%). Peaks are medians of the probes; the
+MFU column is the median FLOP/s over the median peak.
 
 Threads per process (bare loop, the model of section 1, {th['steps']} steps with {th['warmup_steps']} left out,
 variants time-sliced together, {th['repeats']} round(s)):
@@ -330,6 +347,12 @@ def _overhead_note(r: dict[str, Any]) -> str:
                                             "signal check")))
     met = ov["overhead_pct_paired_median"] <= OVERHEAD_TARGET_PCT
     verdict = "within" if met else "over"
+    aa = ov.get("aa_control") or {}
+    aa_cmp = ""
+    if aa.get("ratio"):
+        aa_cmp = (f" against {aa['step_compute_ratio']:.3f} between two identical bare loops"
+                  if aa.get("step_compute_ratio") else "") + \
+            f" (A/A tokens/s ratio {aa['ratio']:.3f}: identical processes differed by {100 * abs(aa['ratio'] - 1):.1f}%)"
     paired = ov["overhead_pct_paired"]
     spread = f" (pairs from {min(paired):+.1f}% to {max(paired):+.1f}%)" if len(paired) > 1 else ""
     return (f"Trainer overhead: {ov['overhead_pct_paired_median']:+.1f}% end to end{spread}, "
@@ -339,9 +362,8 @@ def _overhead_note(r: dict[str, Any]) -> str:
             f"250 steps, as in configs/base.json and the GPT-2 presets, it would be about "
             f"{per_event * mode['eval_freq'] / 250:+.2f}% -- and the per-step bookkeeping (clipping, metrics and "
             f"TensorBoard, loss.item(), signal check, the rest) {per_step:+.2f}%. The median step's own "
-            f"forward+backward+optimizer time, trainer / bare, is {ov.get('step_compute_ratio_median', float('nan')):.3f}; "
-            f"the rest of the gap between the end-to-end and the inside figure is the two processes meeting "
-            f"different moments of machine load. All parts, largest first: {listed}.")
+            f"forward+backward+optimizer time, trainer / bare, is {ov.get('step_compute_ratio_median', float('nan')):.3f}"
+            f"{aa_cmp}. All parts, largest first: {listed}.")
 
 
 READING = """## Reading the figures

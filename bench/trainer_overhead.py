@@ -328,6 +328,8 @@ def attribute(probe: dict[str, Any], start_unix: float, end_unix: float, job: Jo
         "optimizer_s": parts[OPT] + parts[ZERO],  # step and zero_grad, as in the bare loop's step
         "compute_s_median": statistics.median(compute) if compute else None,
         "unpaused_steps": len(compute),
+        # Python's garbage collector, inside the parts above (not an extra part)
+        "gc_s": sum(job.running(t0, t0 + sec) for _gen, t0, sec in probe.get("gc", []) if start_unix < t0 <= end_unix),
         # what only the trainer does
         "extra_s": {
             "clip_grad_norm_": parts[CLIP],
@@ -364,6 +366,16 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def aa_control(common_flags: Sequence[str], warmup: int, work: Path, slice_s: float) -> dict[str, Any]:
+    """The bare loop against itself, time-sliced: the noise floor of every process comparison."""
+    first, second = run_jobs([bare_job(common_flags, warmup, work / f"aa_{k}", "bare") for k in (0, 1)], slice_s)
+    return {"steps": first["steps"], "warmup_steps": warmup,
+            "tokens_per_sec": [first["tokens_per_sec"], second["tokens_per_sec"]],
+            "ratio": second["tokens_per_sec"] / first["tokens_per_sec"],
+            "step_compute_ratio": (second["compute_s_median"] / first["compute_s_median"]
+                                   if first.get("compute_s_median") and second.get("compute_s_median") else None)}
+
+
 def overhead_section(common_flags: Sequence[str], trainer_features: Sequence[str], warmup: int, repeats: int,
                      work: Path, slice_s: float, resume_steps: int = 3) -> dict[str, Any]:
     """Bare loop (A) and trainer with every feature on (B), time-sliced, `repeats` pairs; after
@@ -393,6 +405,8 @@ def overhead_section(common_flags: Sequence[str], trainer_features: Sequence[str
         "overhead_pct_paired_median": _median([p["overhead_pct"] for p in pairs]),
         "overhead_pct_paired": [p["overhead_pct"] for p in pairs],
         "within_run_overhead_pct_median": _median([_within_run_overhead(p) for p in probes]),
+        "gc_ms_per_step_median": _median([1000 * pr["gc_s"] / p["trainer"]["measured_steps"]
+                                          for pr, p in zip(probes, pairs)]),
         # forward+backward+optimizer of one step, median over unpaused steps, trainer / bare
         "step_compute_ratio_median": _median([p["trainer"]["probe"]["compute_s_median"] / p["bare"]["compute_s_median"]
                                               for p in pairs if p["trainer"]["probe"]["compute_s_median"]
