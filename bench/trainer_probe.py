@@ -3,11 +3,13 @@
     BENCH_PROBE_OUT=timers.json python bench/trainer_probe.py [train_improved.py flags ...]
 
 The entry script runs through `runpy` as `__main__` (its own code path, its own exit status);
-before that, the methods below are wrapped with a `perf_counter` pair each (a few microseconds
-per step in all). At exit the timers go to $BENCH_PROBE_OUT as JSON: for every part, a list of
+before that, the methods below are wrapped with a `perf_counter` pair each (some tens of
+microseconds per step in all), and a `gc.callbacks` hook times Python's garbage collections.
+At exit the timers go to $BENCH_PROBE_OUT as JSON: for every part, a list of
 [step, start unix time, seconds] (step: the optimizer step being computed, or just completed for
-the evaluation and checkpoint that follow it), plus the unix time at which each step's metrics
-were logged (the end of the step) and the process launch time.
+the evaluation and checkpoint that follow it), the collections as [generation, start, seconds],
+the unix time at which each step's metrics were logged (the end of the step) and the process
+launch time.
 
 This tells where the trainer's time goes beyond the bare loop; `bench/trainer_overhead.py`
 turns it into the attribution table of docs/BENCHMARKS.md.
