@@ -24,11 +24,11 @@ else
   TORCH_INDEX :=
 endif
 
-.PHONY: help setup data train test bench bench-quick tensorboard checkpoints resume clean-venv
+.PHONY: help setup data train test lint bench bench-quick tensorboard checkpoints resume clean-venv
 
 help:
 	@echo "make train        set up, prepare the default data, train the tiny model with torchrun"
-	@echo "make test         run the test suite"
+	@echo "make test         run the linter and the test suite"
 	@echo "make setup        create $(VENV) with torch $(TORCH_VERSION) ($(if $(HAS_NVIDIA),CUDA,CPU) build) and the project"
 	@echo "make data         prepare the embedded stdlib corpus into $(DATA_DIR)"
 	@echo "make bench        measure overheads and throughput, write docs/BENCHMARKS.md"
@@ -52,8 +52,11 @@ data: setup
 train: data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) src/train_improved.py --config $(CONFIG) --data_dir $(DATA_DIR) --resume auto $(ARGS)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check src tests bench
 
 bench: setup
 	$(PY) bench/run_bench.py $(ARGS)

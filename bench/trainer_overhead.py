@@ -25,9 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -63,7 +64,7 @@ def _env() -> dict[str, str]:
 class Job:
     cmd: list[str]
     log_file: Path
-    parse: Callable[["Job"], dict[str, Any]]  # turns the finished process's outputs into figures
+    parse: Callable[[Job], dict[str, Any]]  # turns the finished process's outputs into figures
     env: dict[str, str] = field(default_factory=dict)
     # filled in by run_jobs
     launch_unix: float = 0.0

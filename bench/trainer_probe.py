@@ -22,8 +22,9 @@ import os
 import runpy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 STARTED_UNIX = time.time()
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,10 @@ import argparse
 import contextlib
 import logging
 import pickle
+from contextlib import AbstractContextManager as ContextManager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 

@@ -28,15 +28,24 @@ import sys
 import sysconfig
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from common.data import (MAX_SHARD_TOKENS, MAX_VOCAB, META_FORMAT_VERSION, DatasetWriter, DirectoryLock,
-                         existing_shard_files, read_meta, remove_stale_temporaries)
+from common.data import (
+    MAX_SHARD_TOKENS,
+    MAX_VOCAB,
+    META_FORMAT_VERSION,
+    DatasetWriter,
+    DirectoryLock,
+    existing_shard_files,
+    read_meta,
+    remove_stale_temporaries,
+)
 from common.errors import RunFailed, UserError, run_cli
 from common.tokenizer import encode_documents, encode_in_worker, get_tokenizer, init_worker
 

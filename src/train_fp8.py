@@ -16,8 +16,17 @@ import torch
 from common.config import FP8TrainConfig, handle_config_actions, parse_args
 from common.dist import DistContext
 from common.errors import run_cli
-from common.fp8 import (align_extra_state, amax_reduction_group, build_recipe, check_fp8_shapes,
-                        compile_allowed, fp8_autocast, load_te, plan_precision, te_linear_factory)
+from common.fp8 import (
+    align_extra_state,
+    amax_reduction_group,
+    build_recipe,
+    check_fp8_shapes,
+    compile_allowed,
+    fp8_autocast,
+    load_te,
+    plan_precision,
+    te_linear_factory,
+)
 from common.model import GPT, GPTConfig
 from common.trainer import ModelSpec, resolve_autocast_dtype, train
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from common.checkpoint import TMP_PREFIX, CheckpointError, Checkpointer, validate_checkpoint  # noqa: E402
+from common.checkpoint import TMP_PREFIX, Checkpointer, CheckpointError, validate_checkpoint  # noqa: E402
 
 
 def make_state(step: int, megabytes: float) -> dict:

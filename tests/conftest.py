@@ -11,11 +11,10 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from runs import REPO, SRC, env
 
 # tiktoken cannot download without a network: use the shared cache beside the checkout when the

@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import psutil
 import torch
@@ -77,7 +78,7 @@ def wait_for_step(log_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
         if proc.poll() is not None:
             raise AssertionError(f"run ended (exit {proc.returncode}) before step {step}")
         if path.exists():
-            steps = [json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip().endswith("}")]
+            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip().endswith("}")]
             if steps and max(steps) >= step:
                 return max(steps)
         time.sleep(0.05)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from runs import env
 
 from common.checkpoint import (

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (CONFIG_DIR, FP8TrainConfig, TrainConfig, load_config_file, parse_args,
-                           save_config)
+from common.config import CONFIG_DIR, FP8TrainConfig, TrainConfig, load_config_file, parse_args, save_config
 from common.errors import UserError
 
 
@@ -53,7 +52,8 @@ def test_mistakes_are_one_clear_line(argv: list[str], fragment: str) -> None:
 def test_unknown_key_in_file_names_file_and_suggestion(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"extends": "tiny_cpu.json", "lerning_rate": 1e-3}))
-    with pytest.raises(UserError, match=r"unknown config key 'lerning_rate' in .*c.json \(did you mean learning_rate\?\)"):
+    expected = r"unknown config key 'lerning_rate' in .*c.json \(did you mean learning_rate\?\)"
+    with pytest.raises(UserError, match=expected):
         parse_args(["--config", str(path)])
 
 

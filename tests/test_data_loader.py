@@ -13,11 +13,18 @@ import lz4.frame
 import numpy as np
 import pytest
 import torch
-
 from runs import REPO, SRC, env
 
-from common.data import (DatasetIndex, ShardedTrainLoader, ValReader, read_meta, read_shard, read_shard_header,
-                         write_meta, write_shard)
+from common.data import (
+    DatasetIndex,
+    ShardedTrainLoader,
+    ValReader,
+    read_meta,
+    read_shard,
+    read_shard_header,
+    write_meta,
+    write_shard,
+)
 from common.errors import UserError
 
 torch.set_num_threads(1)

@@ -25,11 +25,23 @@ import torch.nn as nn
 
 import export_checkpoint
 from common import fp8
-from common.errors import UserError
 from common.checkpoint import validate_checkpoint
-from common.fp8 import (PrecisionPlan, TEInfo, align_extra_state, build_recipe, check_fp8_shapes,
-                        compile_allowed, export_plain_state_dict, fp8_autocast, fp8_supported, load_te,
-                        plan_precision, recipe_kwargs, te_linear_factory)
+from common.errors import UserError
+from common.fp8 import (
+    PrecisionPlan,
+    TEInfo,
+    align_extra_state,
+    build_recipe,
+    check_fp8_shapes,
+    compile_allowed,
+    export_plain_state_dict,
+    fp8_autocast,
+    fp8_supported,
+    load_te,
+    plan_precision,
+    recipe_kwargs,
+    te_linear_factory,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CPU = torch.device("cpu")

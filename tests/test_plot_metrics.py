@@ -34,7 +34,7 @@ def write_run(log_dir: Path, steps: int = 120, extras: bool = True, truncated_ta
                 f.write(json.dumps({"step": s, "val_loss": row["loss"] + 0.1,
                                     "val_perplexity": math.exp(row["loss"] + 0.1)}) + "\n")
         if truncated_tail:
-            f.write('{"step": %d, "loss": 3.1' % (steps + 1))  # training killed mid-write
+            f.write(f'{{"step": {steps + 1}, "loss": 3.1')  # training killed mid-write
 
 
 def png_size(path: Path) -> tuple[int, int]:

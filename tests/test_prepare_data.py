@@ -10,9 +10,15 @@ from pathlib import Path
 import lz4.frame
 import numpy as np
 import pytest
-
-from conftest import (CORPUS_DOCS, PREPARED_SHARD_TOKENS, PREPARED_VAL_TOKENS, corpus_document, prepare_ok,
-                      run_prepare, write_corpus)
+from conftest import (
+    CORPUS_DOCS,
+    PREPARED_SHARD_TOKENS,
+    PREPARED_VAL_TOKENS,
+    corpus_document,
+    prepare_ok,
+    run_prepare,
+    write_corpus,
+)
 
 from common.data import DatasetWriter, read_shard
 from common.tokenizer import get_tokenizer

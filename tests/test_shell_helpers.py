@@ -215,7 +215,8 @@ def test_list_checkpoints_table_marks_and_no_torch(checkpoint_dir: Path, tmp_pat
                          "step_00000300.pt", "latest.pt"}
     assert (rows["step_00000100.pt"]["STEP"], rows["step_00000100.pt"]["VAL_LOSS"]) == ("100", "4.7500")
     assert (rows["epoch_000.pt"]["STEP"], rows["epoch_000.pt"]["EPOCH"]) == ("150", "0")
-    assert (rows["latest.pt"]["STEP"], rows["latest.pt"]["EPOCH"], rows["latest.pt"]["VAL_LOSS"]) == ("300", "1", "4.5000")
+    latest = rows["latest.pt"]
+    assert (latest["STEP"], latest["EPOCH"], latest["VAL_LOSS"]) == ("300", "1", "4.5000")
     assert all(r["STATUS"] == "ok" for r in rows.values())
     assert "<- latest" in rows["latest.pt"]["NOTE"] and "<- best" in rows["best.pt"]["NOTE"]
     assert "same file as step_00000300.pt" in rows["latest.pt"]["NOTE"]

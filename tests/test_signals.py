@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from runs import env
 
 from common.signals import GracefulShutdown
@@ -54,7 +53,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 20.0) -> tuple[int, str, st
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        raise AssertionError(f"process did not exit within {timeout} s; stderr: {err}")
+        raise AssertionError(f"process did not exit within {timeout} s; stderr: {err}") from None
     return proc.returncode, out, err
 
 

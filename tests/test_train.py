@@ -6,9 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from runs import (REPO, SRC, TINY_FLAGS, env, load_checkpoint, read_metrics, run, run_dirs, step_losses,
-                  train)
+from runs import REPO, SRC, TINY_FLAGS, env, load_checkpoint, read_metrics, run, run_dirs, step_losses, train
 
 STEPS = 12
 
@@ -57,7 +55,7 @@ def test_two_nodes_on_localhost(prepared_data: Path, tmp_path: Path) -> None:
          str(SRC / "train_improved.py"), *args],
         cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(2)]
     outputs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
     steps, _ = read_metrics(tmp_path / "logs")
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -106,7 +104,8 @@ def test_version_and_print_config() -> None:
     assert proc.returncode == 0 and '"n_embd": 128' in proc.stdout
 
 
-def test_fp8_script_on_cpu_refuses_require_fp8_and_prints_its_checkpoint_dir(prepared_data: Path, tmp_path: Path) -> None:
+def test_fp8_script_on_cpu_refuses_require_fp8_and_prints_its_checkpoint_dir(prepared_data: Path,
+                                                                             tmp_path: Path) -> None:
     script = [sys.executable, str(SRC / "train_fp8.py")]
     proc = run([*script, "--print_config"])
     assert proc.returncode == 0 and '"checkpoint_dir": "./checkpoints_fp8"' in proc.stdout

@@ -53,10 +53,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .fsutil import atomic_write_bytes, fsync_dir
@@ -234,7 +235,7 @@ class SnapshotBuffers:
         self._in_use = []
 
 
-def _snapshot_tensor(tensor: "torch.Tensor", memo: dict, buffers: SnapshotBuffers | None) -> "torch.Tensor":
+def _snapshot_tensor(tensor: torch.Tensor, memo: dict, buffers: SnapshotBuffers | None) -> torch.Tensor:
     import torch
 
     t = tensor.detach()

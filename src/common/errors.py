@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1

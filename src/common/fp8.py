@@ -40,8 +40,10 @@ import importlib
 import importlib.metadata
 import inspect
 import logging
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Mapping
+from typing import Any
 
 import torch
 
@@ -212,7 +214,7 @@ def te_linear_factory(te: TEInfo, params_dtype: torch.dtype,
     """
     if not te.installed or te.module is None:
         raise RuntimeError("te_linear_factory needs TransformerEngine (check plan.use_te first)")
-    linear_cls: Any = getattr(te.module, "Linear")
+    linear_cls: Any = te.module.Linear
 
     def make(in_features: int, out_features: int, bias: bool) -> torch.nn.Module:
         return linear_cls(in_features, out_features, bias=bias, params_dtype=params_dtype, device=device)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 __all__ = ["fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
 

@@ -22,8 +22,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from common.errors import UserError
 from common.fsutil import atomic_write_text
@@ -500,7 +501,7 @@ class RunLogger:
             self._wandb_call("finish", self._wandb_run.finish)
         self._wandb = None
 
-    def __enter__(self) -> "RunLogger":
+    def __enter__(self) -> RunLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:

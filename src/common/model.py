@@ -7,8 +7,8 @@ modules; embeddings, norms and the tied output head stay plain torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ class GPTConfig:
     bias: bool = True
 
     @classmethod
-    def from_train_config(cls, cfg: object) -> "GPTConfig":
+    def from_train_config(cls, cfg: object) -> GPTConfig:
         return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
 

@@ -34,8 +34,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class GracefulShutdown:
 
     # ---- installation -----------------------------------------------------------------------
 
-    def install(self) -> "GracefulShutdown":
+    def install(self) -> GracefulShutdown:
         """Install the handlers (main thread only), remembering the previous ones."""
         for sig in self.signals:
             if sig not in self._previous:
@@ -84,7 +85,7 @@ class GracefulShutdown:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
 
-    def __enter__(self) -> "GracefulShutdown":
+    def __enter__(self) -> GracefulShutdown:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

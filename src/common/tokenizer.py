@@ -45,7 +45,7 @@ def _encoding_name(name: str) -> str:
         ) from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
     """Load a tiktoken encoding by encoding or model name.
 

@@ -15,24 +15,38 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import __version__
-from common.checkpoint import CheckpointError, Checkpointer, estimate_state_bytes
+from common.checkpoint import Checkpointer, CheckpointError, estimate_state_bytes
 from common.config import C, TrainConfig, config_to_dict, from_dict, git_commit
 from common.data import DatasetIndex, ShardedTrainLoader, ValReader
-from common.dist import (DistContext, all_reduce_mean, destroy, gather_objects, init_distributed, rank0_decides,
-                         seed_everything)
+from common.dist import (
+    DistContext,
+    all_reduce_mean,
+    destroy,
+    gather_objects,
+    init_distributed,
+    rank0_decides,
+    seed_everything,
+)
 from common.errors import RunFailed, UserError
 from common.logger import RunLogger, setup_logging
-from common.metrics import (StepTimer, flops_per_token, format_duration, gpu_peak_flops,
-                            measure_matmul_peak, memory_stats)
+from common.metrics import (
+    StepTimer,
+    flops_per_token,
+    format_duration,
+    gpu_peak_flops,
+    measure_matmul_peak,
+    memory_stats,
+)
 from common.model import GPT, GPTConfig
 from common.optim import build_adamw, lr_at
 from common.rng import capture_rng_state, restore_rng_state
@@ -399,7 +413,8 @@ class Trainer:
         mfu = (self.flops_per_token * tokens_per_sec / (self.peak_flops * self.ctx.world_size)
                if self.peak_flops else None)
         metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                   "step_time": step_time, "time": time.time(), "tokens": self.tokens_seen, "epoch": self.loader.epoch_progress(),
+                   "step_time": step_time, "time": time.time(), "tokens": self.tokens_seen,
+                   "epoch": self.loader.epoch_progress(),
                    **({"mfu": mfu} if mfu is not None else {}), **memory_stats(self.ctx.device)}
         self.run_logger.log_step(self.step, metrics)
         eta = format_duration(timer.eta_seconds(self.max_steps - self.step))
