@@ -1,9 +1,9 @@
 """Helper process for tests/test_signals.py (not a test module itself).
 
-Installs GracefulShutdown, writes a ready file holding its pid, then runs "steps" and asks
-should_stop() at each boundary. On a stop it writes a JSON result, lingers (standing in for a
-checkpoint save) and exits 0. Under torchrun it joins a gloo group first, so should_stop() is a
-real all_reduce across ranks.
+Installs GracefulShutdown, writes a ready file holding its pid, then runs "steps" and at each
+boundary takes part in the trainer's per-step agreement (common.stepsync.StepAgreement: under
+torchrun a real all_reduce across a gloo group). On a stop it writes a JSON result, lingers
+(standing in for a checkpoint save) and exits 0.
 """
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import torch  # noqa: E402
+
+from common.dist import destroy, init_distributed  # noqa: E402
 from common.signals import GracefulShutdown  # noqa: E402
+from common.stepsync import StepAgreement  # noqa: E402
 
 
 def main() -> int:
@@ -29,12 +33,10 @@ def main() -> int:
     out = Path(args.out)
     rank = int(os.environ.get("RANK", "0"))
 
-    if "RANK" in os.environ:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
-
-    with GracefulShutdown() as shutdown:
+    ctx = init_distributed("cpu")
+    agreement = StepAgreement(ctx)
+    zero = torch.zeros(())
+    with GracefulShutdown(watch_launcher="TORCHELASTIC_RUN_ID" in os.environ) as shutdown:
         ready = out / f"ready_rank{rank}"
         (out / f"ready_rank{rank}.tmp").write_text(str(os.getpid()))
         os.replace(out / f"ready_rank{rank}.tmp", ready)
@@ -44,7 +46,8 @@ def main() -> int:
         while time.monotonic() < deadline:
             step += 1
             time.sleep(args.step_time)  # the "training step"
-            if shutdown.should_stop():
+            if agreement.reduce(zero, zero, stop=shutdown.requested, failed=False).stop.item() > 0:
+                shutdown.announce(local=shutdown.requested)
                 result = {"rank": rank, "stopped_after": step, "signal": shutdown.signal_name,
                           "received": shutdown.received}
                 (out / f"result_rank{rank}.json").write_text(json.dumps(result))
@@ -56,10 +59,7 @@ def main() -> int:
             print("timeout without a stop signal", file=sys.stderr, flush=True)
             return 3
 
-    if "RANK" in os.environ:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    destroy(ctx)
     return 0
 
 

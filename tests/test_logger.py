@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from common.errors import UserError
-from common.logger import SCALAR_TAGS, RunLogger, setup_logging
+from common.logger import SCALAR_TAGS, RunLogger, log_to_file, setup_logging
 
 ALL_KEYS = ["loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_time",
             "mem_allocated_mb", "mem_reserved_mb", "mem_rss_mb", "epoch", "tokens"]
@@ -73,17 +73,21 @@ def restore_logging():
 
 
 def test_setup_logging_main_rank_writes_log_txt_once(tmp_path: Path, capsys, restore_logging) -> None:
-    setup_logging(tmp_path, is_main=True)
-    setup_logging(tmp_path, is_main=True)  # idempotent: no duplicated handlers
+    setup_logging(is_main=True)
+    setup_logging(is_main=True)  # idempotent: no duplicated handlers
+    logging.getLogger("common.test").info("said before the log directory is known")
+    log_to_file(tmp_path)
     logging.getLogger("common.test").info("hello from rank zero")
     lines = (tmp_path / "log.txt").read_text().splitlines()
-    assert len(lines) == 1 and lines[0].endswith("INFO common.test: hello from rank zero")
+    assert len(lines) == 2 and lines[0].endswith("INFO common.test: said before the log directory is known")
+    assert lines[1].endswith("INFO common.test: hello from rank zero")
     assert lines[0][:4].isdigit() and lines[0][4] == "-"  # starts with a date
     assert capsys.readouterr().err.count("hello from rank zero") == 1
 
 
 def test_setup_logging_other_ranks_warnings_only_prefixed(tmp_path: Path, capsys, restore_logging) -> None:
-    setup_logging(tmp_path / "r3", is_main=False, rank=3)
+    setup_logging(is_main=False, rank=3)
+    log_to_file(tmp_path / "r3")
     logging.getLogger("x").info("quiet")
     logging.getLogger("x").warning("loud")
     err = capsys.readouterr().err

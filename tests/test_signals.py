@@ -164,14 +164,15 @@ def test_double_ctrl_c_on_torchrun_ends_the_workers_at_once(tmp_path: Path) -> N
 
 
 def test_in_process_install_uninstall_and_context_manager() -> None:
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)
+    before = {s: signal.getsignal(s) for s in handled}
     with GracefulShutdown() as shutdown:
-        assert not shutdown.should_stop()
+        assert not shutdown.requested
         signal.raise_signal(signal.SIGUSR1)
         assert shutdown.requested and shutdown.signal_name == "SIGUSR1"
         signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGQUIT)  # Ctrl+\: a stop request like SIGTERM, not an abort
         assert shutdown.signal_name == "SIGUSR1"  # the first signal names the stop
-        assert shutdown.received == ["SIGUSR1", "SIGTERM"]
-        assert shutdown.should_stop()
+        assert shutdown.received == ["SIGUSR1", "SIGTERM", "SIGQUIT"]
     after = {s: signal.getsignal(s) for s in before}
     assert after == before

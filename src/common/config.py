@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import math
+import operator
 import subprocess
 import sys
 import types
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -24,114 +27,130 @@ from common.fsutil import atomic_write_text
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "device": ("auto", "cpu", "cuda", "mps"),
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "fp8_format": ("hybrid", "e4m3", "e5m2"),
-    "fp8_recipe": ("delayed", "current"),
-    "fp8_amax_compute_algo": ("max", "most_recent"),
-}
+def _field(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its valid range (bounds, or choices for strings), checked by validate()."""
+    limits = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    return field(default=default, metadata={k: v for k, v in limits.items() if v is not None})
 
 
 @dataclass
 class TrainConfig:
     # data
     data_dir: str = "data/stdlib"
-    block_size: int = 1024
-    batch_size: int = 8  # per-rank micro-batch, in sequences
-    total_batch_size: int = 524288  # tokens per optimizer step; gradient accumulation derives from it
+    block_size: int = _field(1024, ge=1)
+    batch_size: int = _field(8, ge=1)  # per-rank micro-batch, in sequences
+    total_batch_size: int = _field(524288, ge=1)  # tokens per optimizer step; gradient accumulation derives from it
     # model
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_size: int = 50257  # padded up to a multiple of 64 inside the model
-    dropout: float = 0.0
+    n_layer: int = _field(12, ge=1)
+    n_head: int = _field(12, ge=1)
+    n_embd: int = _field(768, ge=1)
+    vocab_size: int = _field(50257, ge=1)  # padded up to a multiple of 64 inside the model
+    dropout: float = _field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
     # optimisation
-    max_steps: int = 0  # 0: size the run from the dataset's expected tokens and `epochs`
-    epochs: float = 1.0
-    learning_rate: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
-    warmup_steps: int = 700
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    max_steps: int = _field(0, ge=0)  # 0: size the run from the dataset's expected tokens and `epochs`
+    epochs: float = _field(1.0, gt=0.0)
+    learning_rate: float = _field(6e-4, gt=0.0)
+    min_lr_ratio: float = _field(0.1, ge=0.0, le=1.0)  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = _field(700, ge=0)
+    weight_decay: float = _field(0.1, ge=0.0)
+    beta1: float = _field(0.9, ge=0.0, lt=1.0)
+    beta2: float = _field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = _field(1.0, ge=0.0)  # 0 disables clipping (the norm is still logged)
     # evaluation and samples
-    eval_freq: int = 250
-    eval_batches: int = 20  # micro-batches per rank per evaluation
-    sample_tokens: int = 64  # 0 disables the text sample at each evaluation
+    eval_freq: int = _field(250, ge=0)  # 0: no evaluation (and no best.pt)
+    eval_batches: int = _field(20, ge=0)  # micro-batches per rank per evaluation
+    sample_tokens: int = _field(64, ge=0)  # 0 disables the text sample at each evaluation
     sample_prompt: str = "def "
     # checkpoints
     checkpoint_dir: str = "./checkpoints"
-    checkpoint_freq: int = 250
-    keep_rolling: int = 10
-    keep_epoch: int = 5
+    checkpoint_freq: int = _field(250, ge=1)
+    keep_rolling: int = _field(10, ge=0)
+    keep_epoch: int = _field(5, ge=0)
     async_checkpoint: bool = True
     resume: str = ""  # latest | best | auto | PATH; empty starts fresh
     # logging
     log_dir: str = "./logs"
-    log_freq: int = 10  # human log lines every N steps (metrics.jsonl gets every step)
+    log_freq: int = _field(10, ge=1)  # human log lines every N steps (metrics.jsonl gets every step)
     use_tensorboard: bool = False
     use_wandb: bool = False
     wandb_project: str = "llm-pretrain"
     run_name: str = ""
-    histogram_freq: int = 500  # 0 disables parameter/gradient histograms
-    viz_freq: int = 0  # write PNG charts every N steps (0: never during training)
+    histogram_freq: int = _field(500, ge=0)  # 0 disables parameter/gradient histograms
+    viz_freq: int = _field(0, ge=0)  # write PNG charts every N steps (0: never during training)
+    # faults: skipped steps, rollbacks, hangs, drills
+    spike_zscore: float = _field(6.0, ge=0.0)  # skip a step whose loss or grad norm is this many sigmas up; 0: off
+    spike_window: int = _field(128, ge=2)  # accepted steps the mean and sigma are taken over
+    max_consecutive_skips: int = _field(3, ge=1)  # then roll back to the last good checkpoint
+    max_rollbacks: int = _field(3, ge=0)  # then stop (exit 1)
+    collective_timeout_s: float = _field(300.0, gt=0.0)  # a rank silent this long ends the run
+    inject_fault: str = ""  # drill: KIND@STEP[:RANK][,...]; never inherited by a resumed run
     # system
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU/MPS
+    seed: int = _field(1337, ge=0)
+    device: str = _field("auto", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = _field("auto", choices=("auto", "float32", "bfloat16"))  # auto: bf16 on CUDA, fp32 elsewhere
     compile: bool | None = None  # None: on for CUDA, off elsewhere
-    cpu_threads: int = 0  # 0: cores divided among the ranks on this node
-    nan_check_freq: int = 1  # steps between NaN/Inf loss checks (each costs a host sync)
+    cpu_threads: int = _field(0, ge=0)  # 0: cores divided among the ranks on this node
 
     def model_shape(self) -> dict[str, Any]:
         """Fields a checkpoint's weights depend on: they may not change on resume."""
-        return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias")}
+        return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "block_size")}
 
     def validate(self) -> None:
-        positive = ("block_size", "batch_size", "total_batch_size", "n_layer", "n_head", "n_embd",
-                    "vocab_size", "eval_freq", "checkpoint_freq", "log_freq", "nan_check_freq")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        non_negative = ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "eval_batches",
-                        "sample_tokens", "keep_rolling", "keep_epoch", "histogram_freq", "viz_freq",
-                        "cpu_threads", "seed")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.learning_rate <= 0:
-            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise UserError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.epochs <= 0:
-            raise UserError(f"--epochs must be > 0, got {self.epochs}")
+        """Every field in its range (floats finite), then the rules that tie fields together."""
+        for f in fields(self):
+            _check_field(f.name, getattr(self, f.name), f.metadata)
         if self.n_embd % self.n_head:
             raise UserError(f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}")
-        for name, allowed in _CHOICES.items():
-            if hasattr(self, name) and getattr(self, name) not in allowed:
-                raise UserError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.eval_freq and not self.eval_batches:
+            raise UserError("--eval_batches 0 leaves every evaluation empty; use --eval_batches 1 or more, "
+                            "or --eval_freq 0 to turn evaluation off")
+        from common.faults import parse_fault_plan  # a malformed drill is refused before any step
+        parse_fault_plan(self.inject_fault)
+
+
+_FLOAT16_HINT = ("float16 needs loss scaling, which this suite does not do; use bfloat16 (GPUs from Ampere on) "
+                 "or float32")
+
+
+def _check_field(name: str, value: Any, limits: Mapping[str, Any]) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"--{name} must be a finite number, got {value}")
+    choices = limits.get("choices")
+    if choices is not None and value not in choices:
+        hint = f": {_FLOAT16_HINT}" if name == "dtype" and value == "float16" else ""
+        raise UserError(f"--{name} must be one of {', '.join(choices)}; got {value!r}{hint}")
+    if value is None or isinstance(value, bool):
+        return
+    if any(not _COMPARE[op](value, bound) for op, bound in limits.items() if op in _COMPARE):
+        raise UserError(f"--{name} must be {_describe(limits)}, got {value}")
+
+
+_COMPARE = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+
+
+def _describe(limits: Mapping[str, Any]) -> str:
+    low = ("[", limits["ge"]) if "ge" in limits else ("(", limits["gt"]) if "gt" in limits else None
+    high = (limits["le"], "]") if "le" in limits else (limits["lt"], ")") if "lt" in limits else None
+    if low and high:
+        return f"in {low[0]}{low[1]:g}, {high[0]:g}{high[1]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    assert high is not None
+    return f"{'<=' if high[1] == ']' else '<'} {high[0]:g}"
 
 
 @dataclass
 class FP8TrainConfig(TrainConfig):
     checkpoint_dir: str = "./checkpoints_fp8"
     use_fp8: bool = False
-    fp8_format: str = "hybrid"  # hybrid: E4M3 forward, E5M2 gradients
-    fp8_recipe: str = "delayed"  # delayed | current scaling
-    fp8_amax_history_len: int = 1024
-    fp8_amax_compute_algo: str = "max"
-    fp8_margin: int = 0
+    fp8_format: str = _field("hybrid", choices=("hybrid", "e4m3", "e5m2"))  # hybrid: E4M3 forward, E5M2 gradients
+    fp8_recipe: str = _field("delayed", choices=("delayed", "current"))  # delayed | current scaling
+    fp8_amax_history_len: int = _field(1024, ge=1)
+    fp8_amax_compute_algo: str = _field("max", choices=("max", "most_recent"))
+    fp8_margin: int = _field(0, ge=0)
     require_fp8: bool = False  # refuse to fall back to bf16
-
-    def validate(self) -> None:
-        super().validate()
-        if self.fp8_amax_history_len <= 0:
-            raise UserError(f"--fp8_amax_history_len must be positive, got {self.fp8_amax_history_len}")
 
 
 C = TypeVar("C", bound=TrainConfig)
@@ -254,6 +273,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 
 # ---------------------------------------------------------------- command line
 
+@functools.cache  # once per process: a checkpoint save must not start a subprocess
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],

@@ -1,12 +1,23 @@
-"""Process group, device choice, threads per rank and seeding.
+"""Process groups, device choice, threads per rank, seeds, and the collectives the trainer uses.
 
 Works under torchrun (any number of processes and nodes) and as a plain single process.
+
+Two process groups, two kinds of timeout (the idea of torchtitan's two-phase timeouts):
+
+* the default group (nccl on CUDA, gloo otherwise) carries the training collectives. Its timeout
+  is generous until the first step is done (start-up compiles, loads, allocates), then
+  `tighten_timeout()` sets `--collective_timeout_s`: a rank that stops answering ends the run
+  instead of leaving every other rank waiting for ever;
+* the control group (always gloo, CPU tensors) carries decisions and the waits of the phases in
+  which rank 0 works alone while the others wait (a checkpoint write on a slow file system, a
+  text sample, charts). Its timeout is long, so a big model on slow storage never trips it.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
-import random
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.errors import UserError
+from common.errors import RunFailed, UserError
 
 log = logging.getLogger(__name__)
+
+# Start-up (rendezvous, compile, first step) may take long on a big model; afterwards
+# --collective_timeout_s applies. Phases where rank 0 works alone use the control group.
+STARTUP_TIMEOUT_MIN_S = 600.0
+CONTROL_TIMEOUT_MIN_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,8 @@ class DistContext:
     local_world_size: int
     device: torch.device
     backend: str | None  # None when running as a single process without a group
+    control: Any = None  # the gloo group for decisions and rank-0-alone phases (None without a group)
+    timeout_s: float = 0.0  # --collective_timeout_s, applied by tighten_timeout()
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +61,11 @@ def _env_int(name: str, default: int) -> int:
 
 
 def choose_device(preference: str, local_rank: int) -> torch.device:
-    """CUDA, then MPS, then CPU for `auto`; an explicit choice must be available."""
+    """CUDA, then MPS, then CPU for `auto`; an explicit choice must be available.
+
+    A launcher that gives each process one GPU through CUDA_VISIBLE_DEVICES (`srun
+    --gpus-per-task=1`) leaves one visible device whatever LOCAL_RANK is: that device is used.
+    """
     if preference == "auto":
         if torch.cuda.is_available():
             preference = "cuda"
@@ -54,8 +76,11 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda requested but no CUDA device is available (try --device cpu)")
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local_rank} has no GPU: only {torch.cuda.device_count()} visible; "
+        count = torch.cuda.device_count()
+        if count == 1:
+            return torch.device("cuda", 0)
+        if local_rank >= count:
+            raise UserError(f"LOCAL_RANK {local_rank} has no GPU: only {count} visible; "
                             "use --nproc_per_node equal to the GPU count")
         return torch.device("cuda", local_rank)
     if preference == "mps" and not torch.backends.mps.is_available():
@@ -72,8 +97,21 @@ def set_cpu_threads(requested: int, local_world_size: int) -> int:
     return requested
 
 
-def init_distributed(device_preference: str = "auto", cpu_threads: int = 0) -> DistContext:
-    """Join the torchrun process group when there is one: nccl on CUDA, gloo otherwise."""
+def _set_nccl_debug_defaults(log_dir: str | None) -> None:
+    """NCCL's flight recorder: on a collective timeout each rank dumps its last collectives, which
+    names the rank that stalled and the operation (the user's own settings win)."""
+    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        dump = os.path.join(os.path.abspath(log_dir), "flight_recorder_rank_")
+        os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", dump)
+
+
+def init_distributed(device_preference: str = "auto", cpu_threads: int = 0, timeout_s: float = 300.0,
+                     log_dir: str | None = None) -> DistContext:
+    """Join the torchrun process group when there is one: nccl on CUDA, gloo otherwise, plus the
+    gloo control group."""
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -87,13 +125,26 @@ def init_distributed(device_preference: str = "auto", cpu_threads: int = 0) -> D
     set_cpu_threads(cpu_threads, local_world_size)
 
     backend: str | None = None
+    control = None
     if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs: dict[str, Any] = {"backend": backend}
+        if backend == "nccl":
+            _set_nccl_debug_defaults(log_dir)
+        startup = datetime.timedelta(seconds=max(STARTUP_TIMEOUT_MIN_S, 10 * timeout_s))
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": startup}
         if device.type == "cuda":
             kwargs["device_id"] = device  # binds the group to this GPU, avoids a lazy init hang
         dist.init_process_group(**kwargs)
-    return DistContext(rank, local_rank, world_size, local_world_size, device, backend)
+        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+            seconds=max(CONTROL_TIMEOUT_MIN_S, 12 * timeout_s)))
+    return DistContext(rank, local_rank, world_size, local_world_size, device, backend, control, timeout_s)
+
+
+def tighten_timeout(ctx: DistContext) -> None:
+    """After the first step: a training collective that waits longer than --collective_timeout_s
+    for another rank fails (and the run ends) instead of waiting for ever."""
+    if ctx.distributed:
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=ctx.timeout_s))
 
 
 def destroy(ctx: DistContext) -> None:
@@ -102,55 +153,106 @@ def destroy(ctx: DistContext) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """The same seed on every rank: model init is identical everywhere (DDP also broadcasts it);
-    per-rank randomness (dropout) comes from the data each rank sees."""
+    """Python, NumPy and torch (CPU and every device) generators from one seed: the model's
+    initialisation is the same on every rank. Training randomness (dropout) comes from
+    `seed_step`, per rank and per step."""
+    import random
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed torch's generators for optimizer step `step` on `rank`.
+
+    Dropout masks then depend on (seed, rank, step) alone: a resumed run draws the numbers the
+    uninterrupted run drew whatever else consumed random numbers before (an evaluation, a peak
+    measurement, a restored state), and a restarted or rolled-back rank needs no saved stream.
+    """
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1))
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """A failed or timed-out collective (a peer that hung, died or closed its connection)."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        mark in text for mark in ("gloo", "Gloo", "NCCL", "Timed out", "Connection closed", "Connection reset"))
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.distributed:
+        all_reduce_sum(tensor, ctx)
         tensor /= ctx.world_size
     return tensor
 
 
 def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    """`obj` of rank `src` on every rank, over the control group (CPU, long timeout)."""
     if not ctx.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=ctx.device if ctx.backend == "nccl" else None)
+    dist.broadcast_object_list(box, src=src, group=ctx.control)
     return box[0]
 
 
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any] | None:
-    """Every rank's `obj` on rank 0 (None elsewhere)."""
+    """Every rank's `obj` on rank 0 (None elsewhere), over the control group."""
     if not ctx.distributed:
         return [obj]
     out: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=ctx.control)
     return out
 
 
-def barrier(ctx: DistContext) -> None:
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's `obj` on every rank, over the control group."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=ctx.control)
+    return out
+
+
+def control_barrier(ctx: DistContext) -> None:
+    """Wait for every rank on the control group: the others wait here (long timeout) while rank 0
+    finishes work of its own."""
     if ctx.distributed:
-        dist.barrier()
+        dist.barrier(group=ctx.control)
 
 
 def rank0_decides(decide: Callable[[], Any], ctx: DistContext) -> Any:
     """Run `decide` on rank 0 and hand its result to every rank.
 
-    A UserError on rank 0 (nothing to resume, disk too small) is raised on every rank, so no
-    rank is left waiting in a collective for a peer that has already given up.
+    Whatever `decide` raises on rank 0 is raised on every rank -- a UserError as a UserError,
+    anything else as RunFailed with the same one-line reason (the traceback goes to rank 0's
+    log) -- so no rank is left waiting in a collective for a peer that has already given up.
     """
-    outcome: tuple[Any, str | None] = (None, None)
+    outcome: tuple[Any, str | None, str | None] = (None, None, None)
     if ctx.is_main:
         try:
-            outcome = (decide(), None)
+            outcome = (decide(), None, None)
         except UserError as err:
-            outcome = (None, str(err))
-    result, error = broadcast_object(outcome, ctx)
-    if error is not None:
-        raise UserError(error)
+            outcome = (None, "user", str(err))
+        except Exception as err:  # noqa: BLE001 - every rank must learn that rank 0 failed
+            log.debug("rank 0 decision failed:\n%s", traceback.format_exc())
+            outcome = (None, "failed", _one_line(err))
+    result, kind, message = broadcast_object(outcome, ctx)
+    if kind == "user":
+        raise UserError(message)
+    if kind == "failed":
+        raise RunFailed(message or "rank 0 failed")
     return result
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if not isinstance(err, RunFailed) else text

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import math
 import os
 import sys
@@ -74,15 +75,14 @@ def _mark(handler: logging.Handler) -> logging.Handler:
     return handler
 
 
-def setup_logging(
-    log_dir: Path | None, *, is_main: bool, rank: int = 0, level: int = logging.INFO
-) -> logging.Logger:
+def setup_logging(*, is_main: bool, rank: int = 0, level: int = logging.INFO) -> logging.Logger:
     """Configure the root logger for this process and return it.
 
-    Main rank: records at ``level`` and above to stderr and, when ``log_dir`` is given, appended
-    to ``log_dir/log.txt``. Other ranks: WARNING and above to stderr, prefixed ``[rank N]``.
-    Calling it again replaces the handlers it installed before (never duplicates them) and
-    leaves handlers installed by others (pytest, a notebook) alone.
+    Main rank: records at ``level`` and above to stderr, and kept in memory until
+    ``log_to_file`` names the run's log directory (known only once the run is resolved: a resumed
+    run logs where it did before), so log.txt holds the lines of the start-up too. Other ranks:
+    WARNING and above to stderr, prefixed ``[rank N]``. Calling it again replaces the handlers it
+    installed before and leaves handlers installed by others (pytest, a notebook) alone.
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -96,15 +96,9 @@ def setup_logging(
         console.setLevel(level)
         console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(console)
-        if log_dir is not None:
-            log_dir = Path(log_dir)
-            log_dir.mkdir(parents=True, exist_ok=True)
-            file_handler = _mark(logging.FileHandler(log_dir / "log.txt", mode="a", encoding="utf-8"))
-            file_handler.setLevel(level)
-            file_handler.setFormatter(
-                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-            )
-            root.addHandler(file_handler)
+        early = _mark(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
+        early.setLevel(level)
+        root.addHandler(early)
     else:
         root.setLevel(max(level, logging.WARNING))
         console.setLevel(logging.WARNING)
@@ -116,6 +110,26 @@ def setup_logging(
     for noisy in ("matplotlib", "PIL", "urllib3", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return root
+
+
+def log_to_file(log_dir: Path) -> None:
+    """Append the main rank's records to ``log_dir/log.txt``, the ones kept since start-up first."""
+    root = logging.getLogger()
+    early = next((h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)
+                  and getattr(h, _HANDLER_MARK, False)), None)
+    if early is None:  # not the main rank
+        return
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    file_handler = _mark(logging.FileHandler(log_dir / "log.txt", mode="a", encoding="utf-8"))
+    file_handler.setLevel(early.level)
+    file_handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    early.setTarget(file_handler)
+    early.flush()
+    root.removeHandler(early)
+    early.close()
+    root.addHandler(file_handler)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -132,6 +146,10 @@ def _plain(value: Any) -> Any:
         except (ValueError, RuntimeError):  # a tensor with more than one element
             pass
     return str(value)
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _is_number(value: Any) -> bool:
@@ -384,14 +402,29 @@ class RunLogger:
 
     # -- public API -------------------------------------------------------------------------
 
-    def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """One optimizer step: a metrics.jsonl row, TensorBoard scalars, a wandb history row."""
+    def log_step(self, step: int, metrics: dict[str, Any]) -> None:
+        """One optimizer step: a metrics.jsonl row, TensorBoard scalars, a wandb history row.
+
+        Non-finite numbers (the loss of a skipped step) are written as null and charted nowhere.
+        """
         if not self.enabled or self._closed:
             return
-        values = {k: _plain(v) for k, v in metrics.items() if k != "step"}
+        values = {k: _finite_or_none(_plain(v)) for k, v in metrics.items() if k != "step"}
         self._write_row({"step": int(step), **values})
         self._last_step = max(self._last_step, int(step))
         scalars = {tag_for(k): v for k, v in values.items() if _is_number(v)}
+        self._scalars(step, scalars)
+
+    def log_event(self, step: int, event: str, fields: dict[str, Any], scalars: dict[str, float]) -> None:
+        """Something that happened to the run at `step` (a skipped step, a rollback): a
+        metrics.jsonl row ``{"step", "event", ...}`` and its counters as scalars."""
+        if not self.enabled or self._closed:
+            return
+        self._write_row({"step": int(step), "event": event, **{k: _plain(v) for k, v in fields.items()}})
+        self._last_step = max(self._last_step, int(step))
+        self._scalars(step, scalars)
+
+    def _scalars(self, step: int, scalars: dict[str, Any]) -> None:
         if self._writer is not None:
             for tag, value in scalars.items():
                 self._writer.add_scalar(tag, value, int(step))

@@ -70,8 +70,10 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     """Achieved FLOP/s of a large square matrix product: the practical peak of a CPU (or an
     unlisted GPU), measured rather than looked up. The fastest of `repeats` products counts, so
     a moment of contention on a shared machine does not lower the peak."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A generator of its own: the measurement must not move the training run's random stream.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     torch.matmul(a, b)  # warm up kernels and caches
     best = math.inf
     for _ in range(repeats):
@@ -117,9 +119,6 @@ class StepTimer:
             self.avg_step_time = elapsed if self.avg_step_time is None else (
                 self.smoothing * self.avg_step_time + (1 - self.smoothing) * elapsed)
         return elapsed
-
-    def reset(self) -> None:
-        self._start = time.perf_counter()
 
     def eta_seconds(self, steps_left: int) -> float | None:
         return None if self.avg_step_time is None else steps_left * self.avg_step_time

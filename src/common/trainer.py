@@ -1,8 +1,12 @@
 """The training loop shared by train_improved.py and train_fp8.py.
 
-config -> process group -> model -> loader (restored state) -> loop: batch -> forward/backward
-under autocast -> DDP all-reduce -> clip -> optimizer step -> metrics -> eval / samples /
-checkpoint / shutdown check at step boundaries.
+    train(): process group -> resolve the run (config + checkpoint) -> Trainer -> run()
+
+One optimizer step: micro-batches -> forward/backward under autocast (DDP all-reduces the
+gradients on the last one) -> clip -> one small all-reduce of [loss, grad norm, stop, failed]
+-> skip-or-step decided on the device (a non-finite or outlying step changes nothing) -> the
+host reads the step's numbers one step later (metrics rows, skips, rollbacks, stop requests)
+-> evaluation, text sample and checkpoints at the steps they are due.
 
 The entry scripts differ only in how the model is built and which precision context wraps the
 forward pass (`ModelSpec`); everything else is here, written once.
@@ -13,11 +17,12 @@ import contextlib
 import datetime as _dt
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +30,26 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import __version__
-from common.checkpoint import Checkpointer, CheckpointError, estimate_state_bytes
-from common.config import C, TrainConfig, config_to_dict, from_dict, git_commit
+from common.checkpoint import Checkpointer, estimate_state_bytes, validate_checkpoint
+from common.config import TrainConfig, config_to_dict, git_commit
 from common.data import DatasetIndex, ShardedTrainLoader, ValReader
 from common.dist import (
     DistContext,
+    all_gather_objects,
     all_reduce_mean,
+    all_reduce_sum,
     destroy,
     gather_objects,
     init_distributed,
+    is_collective_failure,
     rank0_decides,
     seed_everything,
+    seed_step,
+    tighten_timeout,
 )
 from common.errors import RunFailed, UserError
-from common.logger import RunLogger, setup_logging
+from common.faults import FaultPlan, Heartbeat, Recovery, SpikeGuard, describe_skip
+from common.logger import RunLogger, log_to_file, setup_logging
 from common.metrics import (
     StepTimer,
     flops_per_token,
@@ -49,16 +60,16 @@ from common.metrics import (
 )
 from common.model import GPT, GPTConfig
 from common.optim import build_adamw, lr_at
+from common.resume import RunPlan, resolve_run
 from common.rng import capture_rng_state, restore_rng_state
 from common.signals import GracefulShutdown
+from common.stepsync import DelayedReadout, Report, StepAgreement
 from common.tokenizer import get_tokenizer
 
 log = logging.getLogger("train")
 
-# Config fields that may differ between a checkpoint and the run resuming it (logged when they do).
-# Any other difference outside the model shape is logged too; the model shape must match.
-_RESUME_TOLERATED = ("max_steps", "eval_freq", "checkpoint_freq", "log_freq", "batch_size",
-                     "keep_rolling", "keep_epoch", "resume", "use_tensorboard", "use_wandb")
+# The per-step report the host reads one step late (common.stepsync), in this order.
+REPORT_FIELDS = ("loss", "grad_norm", "skipped", "z_loss", "z_grad", "stop", "failed")
 
 
 @dataclass
@@ -81,16 +92,13 @@ def resolve_autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtyp
     choice = cfg.dtype
     if choice == "auto":
         choice = "bfloat16" if device.type == "cuda" else "float32"
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+    return {"float32": None, "bfloat16": torch.bfloat16}[choice]
 
 
 def plain_model_spec(cfg: TrainConfig, ctx: DistContext) -> ModelSpec:
     dtype = resolve_autocast_dtype(cfg, ctx.device)
-    return ModelSpec(build=GPT, autocast_dtype=dtype,
-                     precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
+    return ModelSpec(build=GPT, autocast_dtype=dtype, precision="fp32" if dtype is None else "bf16")
 
-
-# ---------------------------------------------------------------------------- setup helpers
 
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     per_step = cfg.batch_size * cfg.block_size * world_size
@@ -110,30 +118,6 @@ def planned_steps(cfg: TrainConfig, index: DatasetIndex) -> int:
     return max(1, math.ceil(cfg.epochs * index.expected_train_tokens() / cfg.total_batch_size))
 
 
-# Always taken from the command that resumes, never from the checkpoint: they describe this
-# machine and this invocation, not the run.
-_NOT_INHERITED = ("resume", "device", "cpu_threads")
-
-
-def resume_config(saved: dict[str, Any], cfg: C, explicit: set[str]) -> tuple[C, dict[str, tuple[Any, Any]]]:
-    """The config a resumed run continues with: the checkpoint's own, with every field the user
-    set now (in --config or as a flag) on top, and what differs from the saved one. `--resume
-    latest` alone thus continues the run as it was; a different model shape is refused."""
-    known = {f.name for f in fields(cfg)}
-    values = {k: v for k, v in saved.items() if k in known}
-    values.update({k: getattr(cfg, k) for k in set(explicit) | set(_NOT_INHERITED)})
-    merged = from_dict(type(cfg), values, "the checkpoint's config")
-    merged.validate()
-    wrong = {k: (saved.get(k), v) for k, v in merged.model_shape().items() if saved.get(k) != v}
-    if wrong:
-        desc = ", ".join(f"{k}={old} in the checkpoint but {new} now" for k, (old, new) in wrong.items())
-        raise UserError(f"the checkpoint's model shape differs from the config ({desc}); "
-                        "resume with the same model settings or start a fresh --checkpoint_dir")
-    changes = {k: (saved[k], v) for k, v in config_to_dict(merged).items()
-               if k in saved and saved[k] != v and k != "resume"}
-    return merged, changes
-
-
 class _Progress:
     """A tqdm bar on a terminal (rank 0); plain log lines every log_freq steps otherwise."""
 
@@ -148,7 +132,7 @@ class _Progress:
     def update(self, step: int, summary: str, postfix: dict[str, str]) -> None:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
+            self.bar.update(step - self.bar.n)
         elif step % self.log_freq == 0 or step == self.total or step == 1:
             log.info("step %d/%d | %s", step, self.total, summary)
 
@@ -157,108 +141,108 @@ class _Progress:
             self.bar.close()
 
 
-# ---------------------------------------------------------------------------- the run
-
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: DistContext,
-                 make_spec: Callable[[TrainConfig, DistContext], ModelSpec], explicit: set[str]) -> None:
+    def __init__(self, plan: RunPlan, ctx: DistContext, make_spec: Callable[[Any, DistContext], ModelSpec]) -> None:
+        self.cfg = cfg = plan.cfg
         self.ctx = ctx
-        resume_path = self._resolve_resume(cfg)
-        checkpoint = self._make_checkpointer(cfg).load(resume_path) if resume_path else None
-        changes: dict[str, tuple[Any, Any]] = {}
-        if checkpoint is not None:
-            cfg, changes = resume_config(checkpoint["config"], cfg, explicit)
-        setup_logging(Path(cfg.log_dir), is_main=ctx.is_main, rank=ctx.rank)  # the run's own log_dir
-        for key, (old, new) in changes.items():
-            log.info("resume: %s changed from %r to %r", key, old, new)
-        self.cfg = cfg
-        self.checkpointer = self._make_checkpointer(cfg)
         self.spec = spec = make_spec(cfg, ctx)
         self.index = DatasetIndex.open(cfg.data_dir)
         if self.index.vocab_size > cfg.vocab_size:
             raise UserError(f"the dataset's tokenizer has {self.index.vocab_size} tokens but --vocab_size is "
                             f"{cfg.vocab_size}; set --vocab_size {self.index.vocab_size}")
         self.grad_accum = gradient_accumulation_steps(cfg, ctx.world_size)
-        self.max_steps = planned_steps(cfg, self.index)
+        # Built once, now: a data directory without validation windows is refused before any step.
+        self.val_reader = ValReader(cfg.data_dir, block_size=cfg.block_size, micro_batch_size=cfg.batch_size,
+                                    rank=ctx.rank, world_size=ctx.world_size, max_batches=cfg.eval_batches,
+                                    device=ctx.device) if cfg.eval_freq else None
 
-        # Same seed everywhere for the init (DDP broadcasts rank 0's weights anyway); a per-rank
-        # stream afterwards so dropout masks differ between ranks.
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # the same initial weights on every rank
         self.raw_model = spec.build(GPTConfig.from_train_config(cfg)).to(ctx.device)
         self.optimizer = build_adamw(self.raw_model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                     betas=(cfg.beta1, cfg.beta2), device=ctx.device)
-        seed_everything(cfg.seed + ctx.rank)
-
+                                     betas=(cfg.beta1, cfg.beta2))
         self.loader = ShardedTrainLoader(cfg.data_dir, block_size=cfg.block_size,
                                          micro_batch_size=cfg.batch_size, grad_accum_steps=self.grad_accum,
                                          rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
                                          device=ctx.device)
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep_rolling=cfg.keep_rolling, keep_epoch=cfg.keep_epoch,
+                                         async_save=cfg.async_checkpoint, enabled=ctx.is_main)
+        self.guard = SpikeGuard(zscore=cfg.spike_zscore, window=cfg.spike_window, device=ctx.device)
+        self.recovery = Recovery(cfg.max_consecutive_skips, cfg.max_rollbacks)
+        self.agreement = StepAgreement(ctx)
+        self.readout = DelayedReadout(ctx.device)
+        self.faults = FaultPlan(cfg.inject_fault, ctx.rank)
+        self.heartbeat = Heartbeat(cfg.log_dir, ctx.rank, ctx.world_size)
+
         self.step = 0
+        self.max_steps = planned_steps(cfg, self.index)
         self.best_val_loss = math.inf
         self.last_val_loss: float | None = None
         self.tokens_seen = 0
         self.latest_saved_step: int | None = None
-        logger_state = None
-        if checkpoint is not None:
-            self._restore(checkpoint, resume_path)
-            logger_state = checkpoint.get("logger")
+        self.last_good: tuple[str, int] | None = None  # (checkpoint, step) to name when the run fails
+        self.stopping = False
+        self._failure: str | None = None  # this rank's failure to share with the others
+        self._epochs_before_step = 0
+        self._rng_to_restore: dict[str, Any] | None = None
+        if plan.checkpoint is not None:
+            self._restore(plan.checkpoint, plan.path)
         self.model = self._wrap(self.raw_model)
         self.run_logger = RunLogger(Path(cfg.log_dir), enabled=ctx.is_main, use_tensorboard=cfg.use_tensorboard,
                                     use_wandb=cfg.use_wandb, config=config_to_dict(cfg),
-                                    resume_step=self.step if checkpoint is not None else None,
-                                    state=logger_state, wandb_project=cfg.wandb_project,
+                                    resume_step=self.step if plan.checkpoint is not None else None,
+                                    state=(plan.checkpoint or {}).get("logger"), wandb_project=cfg.wandb_project,
                                     wandb_run_name=cfg.run_name or None)
-        self.shutdown = GracefulShutdown()
+        self.shutdown = GracefulShutdown(watch_launcher="TORCHELASTIC_RUN_ID" in os.environ)
+        self.timer = StepTimer()
         self.flops_per_token = flops_per_token(self.raw_model.num_params(), cfg.n_layer, cfg.n_embd,
                                                cfg.block_size)
         self.peak_flops, self.peak_source = self._peak_flops()
-        self.tokenizer = get_tokenizer(self.index.tokenizer_name) if cfg.sample_tokens else None
+        self.tokenizer = self._load_tokenizer()
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _make_checkpointer(self, cfg: TrainConfig) -> Checkpointer:
-        return Checkpointer(cfg.checkpoint_dir, keep_rolling=cfg.keep_rolling, keep_epoch=cfg.keep_epoch,
-                            async_save=cfg.async_checkpoint, enabled=self.ctx.is_main)
-
-    def _resolve_resume(self, cfg: TrainConfig) -> Path | None:
-        """Rank 0 picks (and validates) the checkpoint; every rank then loads the same file."""
-        def choose() -> str | None:
-            checkpointer = self._make_checkpointer(cfg)
-            if cfg.resume:
-                path = checkpointer.resolve(cfg.resume)
-                return str(path) if path is not None else None
-            if checkpointer.list():
-                # A fresh run would overwrite latest.pt of the run already there: refuse instead.
-                raise UserError(f"{cfg.checkpoint_dir} already holds checkpoints; continue that run with "
-                                "--resume latest (or --resume auto), or start fresh with another --checkpoint_dir")
-            return None
-
-        path = rank0_decides(choose, self.ctx)
-        return Path(path) if path is not None else None
-
     def _restore(self, ckpt: dict[str, Any], path: Path | None) -> None:
-        model_state = ckpt["model"]
-        if self.spec.adapt_state_dict is not None:
-            model_state = self.spec.adapt_state_dict(model_state, self.raw_model)
-        self.raw_model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_weights(ckpt)
         self.loader.load_state_dict(ckpt["data_state"])
         self.step = int(ckpt["step"])
         self.best_val_loss = float(ckpt.get("best_val_loss") or math.inf)
         self.last_val_loss = ckpt.get("val_loss")
         self.tokens_seen = int(ckpt["meta"].get("tokens_seen", self.step * self.cfg.total_batch_size))
+        self.latest_saved_step = self.step
+        self.last_good = (str(path), self.step)
+        saved_horizon = (ckpt.get("scheduler") or {}).get("max_steps")
+        if self.cfg.max_steps == 0 and saved_horizon:
+            # An epochs-sized run keeps the horizon it had: a dataset that grew or finished
+            # preparing meanwhile must not move the schedule because the run was restarted.
+            self.max_steps = int(saved_horizon)
+        elif saved_horizon and saved_horizon != self.max_steps:
+            log.info("resume: the schedule's horizon changes from %d to %d steps (--max_steps)",
+                     saved_horizon, self.max_steps)
+        self.recovery.load_state_dict(ckpt.get("recovery") or {})
+        # The saved run's stop request or failure ended that run; they must not end this one.
+        transient = [REPORT_FIELDS.index("stop"), REPORT_FIELDS.index("failed")]
+        self.readout.load_state_dict([{"step": r["step"], "values": [0.0 if i in transient else v
+                                                                     for i, v in enumerate(r["values"])]}
+                                      for r in ckpt.get("pending_reports") or []])
         rng_states = ckpt.get("rng") or []
         if self.ctx.rank < len(rng_states):
-            restore_rng_state(rng_states[self.ctx.rank])
-        else:
-            # More ranks than when saved: a fresh, reproducible stream for the new rank.
-            seed_everything(self.cfg.seed + self.ctx.rank + 1_000_003 * self.step)
+            self._rng_to_restore = rng_states[self.ctx.rank]  # restored last, right before the first step
         saved_world = ckpt["meta"].get("world_size")
         if saved_world != self.ctx.world_size:
             log.info("resume: world size changed from %s to %d; each step still consumes the same "
                      "%d samples", saved_world, self.ctx.world_size, self.cfg.total_batch_size // self.cfg.block_size)
         log.info("resumed from %s at step %d (epoch %.2f, val_loss %s)", path, self.step, self.loader.epoch_progress(),
                  f"{self.last_val_loss:.4f}" if self.last_val_loss is not None else "n/a")
+
+    def _load_weights(self, ckpt: dict[str, Any]) -> None:
+        """Model, optimizer and skip-window state of a checkpoint (a resume or a rollback)."""
+        model_state = ckpt["model"]
+        if self.spec.adapt_state_dict is not None:
+            model_state = self.spec.adapt_state_dict(model_state, self.raw_model)
+        self.raw_model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("guard"):
+            self.guard.load_state_dict(ckpt["guard"])
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         use_compile = self.cfg.compile if self.cfg.compile is not None else self.ctx.device.type == "cuda"
@@ -282,6 +266,17 @@ class Trainer:
             return measure_matmul_peak(self.ctx.device, n=1024, repeats=8), "measured fp32 matmul peak"
         return None, "unknown"
 
+    def _load_tokenizer(self) -> Any:
+        """The dataset's tokenizer, for text samples only: the training data is already tokenized,
+        so a tokenizer that cannot be loaded costs the run its samples, never the run."""
+        if not (self.cfg.sample_tokens and self.cfg.eval_freq and self.ctx.is_main):
+            return None
+        try:
+            return get_tokenizer(self.index.tokenizer_name)
+        except UserError as err:
+            log.warning("no text samples in this run: %s", err)
+            return None
+
     # -- state -----------------------------------------------------------------------------
 
     def _checkpoint_state(self) -> dict[str, Any] | None:
@@ -300,6 +295,9 @@ class Trainer:
             "data_state": self.loader.state_dict(),
             "rng": rng_states,
             "scheduler": {"step": self.step, "max_steps": self.max_steps, "warmup_steps": self.cfg.warmup_steps},
+            "guard": self.guard.state_dict(),
+            "recovery": self.recovery.state_dict(),
+            "pending_reports": self.readout.state_dict(),
             "logger": self.run_logger.state_dict(),
             "meta": {
                 "version": __version__,
@@ -313,25 +311,27 @@ class Trainer:
             },
         }
 
-    def _wait_for_writes(self) -> None:
-        if self.ctx.is_main:
-            try:
-                self.checkpointer.wait()
-            except CheckpointError as err:
-                raise RunFailed(str(err)) from None
-
     def save(self, tiers: set[str], wait: bool = False) -> None:
+        """Save this step under the names of `tiers`. Every rank takes part; a failure on rank 0
+        (a full disk on a synchronous save) ends every rank with the same line."""
+        self._log_pending_reports()  # metrics.jsonl holds every step up to the checkpoint's
+        if not self._weights_finite():
+            where = f"; the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})" \
+                if self.last_good else ""
+            raise RunFailed(f"the weights hold non-finite values at step {self.step}: not saved{where}")
         if "latest" in tiers:
             self.latest_saved_step = self.step
         state = self._checkpoint_state()
-        if state is not None:
-            try:
-                self.checkpointer.save(state, step=self.step, epoch=self.epochs_completed(),
-                                       val_loss=self.last_val_loss, tiers=tiers)
-            except CheckpointError as err:
-                raise RunFailed(str(err)) from None
-            if wait:
-                self._wait_for_writes()
+        rank0_decides(lambda: self.checkpointer.save(state, step=self.step, epoch=self.epochs_completed(),
+                                                     val_loss=self.last_val_loss, tiers=tiers, wait=wait), self.ctx)
+        self.last_good = (str(Path(self.cfg.checkpoint_dir) / ("latest.pt" if "latest" in tiers else
+                                                               f"step_{self.step:08d}.pt")), self.step)
+
+    def _weights_finite(self) -> bool:
+        bad = torch.zeros((), device=self.ctx.device)
+        for p in self.raw_model.parameters():
+            bad += (~torch.isfinite(p.detach())).any().float()
+        return all_reduce_sum(bad, self.ctx).item() == 0
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -342,24 +342,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        assert self.val_reader is not None
         self.model.eval()
-        reader = ValReader(self.cfg.data_dir, block_size=self.cfg.block_size, micro_batch_size=self.cfg.batch_size,
-                           rank=self.ctx.rank, world_size=self.ctx.world_size, max_batches=self.cfg.eval_batches,
-                           device=self.ctx.device)
         total = torch.zeros((), device=self.ctx.device)
         batches = 0
-        for x, y in reader:
+        for x, y in self.val_reader:
             with self._autocast(), self.spec.forward_context():
                 _, loss = self.model(x, y)
             total += loss.detach().float()
             batches += 1
         self.model.train()
-        if batches == 0:
-            raise UserError(f"{self.cfg.data_dir} has no validation windows of block_size {self.cfg.block_size}")
         return all_reduce_mean(total / batches, self.ctx).item()
 
     def sample_text(self) -> str | None:
-        if not (self.ctx.is_main and self.tokenizer is not None):
+        if self.tokenizer is None:
             return None
         self.raw_model.eval()
         prompt = self.tokenizer.encode_ordinary(self.cfg.sample_prompt) or [self.index.eot_token]
@@ -379,14 +375,37 @@ class Trainer:
         self.run_logger.log_eval(self.step, val_loss)
         log.info("step %d | val_loss %.4f | best %.4f%s", self.step, val_loss, self.best_val_loss,
                  " (new best)" if improved else "")
-        text = self.sample_text()
-        if text is not None:
-            self.run_logger.log_sample(self.step, text)
         return improved
 
-    # -- the loop --------------------------------------------------------------------------
+    def _rank0_extras(self) -> None:
+        """Work rank 0 does alone at an evaluation (text sample, charts), the others waiting on the
+        control group (long timeout)."""
+        def work() -> None:
+            if self.cfg.eval_freq and self.step % self.cfg.eval_freq == 0:
+                text = self.sample_text()
+                if text is not None:
+                    self.run_logger.log_sample(self.step, text)
+            if self.cfg.viz_freq and self.step % self.cfg.viz_freq == 0:
+                self._write_plots()
+        rank0_decides(work, self.ctx)
 
-    def _train_step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _write_plots(self) -> None:
+        from common.plots import write_plots  # matplotlib only when charts are asked for
+        try:
+            write_plots(Path(self.cfg.log_dir))
+        except Exception as err:  # a chart must never end a run
+            log.warning("could not write the PNG charts: %s", err)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _train_step(self) -> None:
+        """Compute step `self.step + 1` and apply it unless the guard skips it; no host sync."""
+        cfg, step = self.cfg, self.step + 1
+        self.faults.before_step(step)
+        self._epochs_before_step = self.epochs_completed()
+        seed_step(cfg.seed, self.ctx.rank, step)
+        lr = lr_at(self.step, max_lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps, max_steps=self.max_steps,
+                   min_lr_ratio=cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.ctx.device)
@@ -398,126 +417,217 @@ class Trainer:
             with sync:
                 with self._autocast(), self.spec.forward_context():
                     _, loss = self.model(x, y)
+                loss = self.faults.loss(step, loss)
                 (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        self.faults.after_backward(step, self.raw_model)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        next_step = self.step + 1
-        if self.cfg.histogram_freq and next_step % self.cfg.histogram_freq == 0:
-            self.run_logger.log_histograms(next_step, self.raw_model)  # while the gradients exist
-        return all_reduce_mean(loss_sum / self.grad_accum, self.ctx), grad_norm
+        if cfg.histogram_freq and step % cfg.histogram_freq == 0:
+            self.run_logger.log_histograms(step, self.raw_model)  # while the gradients exist
+        failure = self._local_failure()
+        agreed = self.agreement.reduce(loss_sum / self.grad_accum, grad_norm, stop=self.shutdown.requested,
+                                       failed=failure is not None)
+        skip, z = self.guard.decide(agreed.loss, agreed.grad_norm)
+        self.optimizer.found_inf = skip  # fused AdamW: a skipped step changes no weight, moment or count
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+        self.tokens_seen += cfg.total_batch_size
+        report = torch.stack([agreed.loss, agreed.grad_norm, skip, z[0], z[1], agreed.stop, agreed.failed])
+        self.readout.push(step, report, {"lr": lr, "step_time": self.timer.lap(), "time": time.time(),
+                                         "tokens": self.tokens_seen, "epoch": self.loader.epoch_progress(),
+                                         **memory_stats(self.ctx.device)})
 
-    def _log_step(self, loss: float, grad_norm: float, lr: float, step_time: float, timer: StepTimer,
-                  progress: _Progress) -> None:
-        tokens_per_sec = self.cfg.total_batch_size / step_time
+    def _local_failure(self) -> str | None:
+        """A failure this rank must report to the others (a failed background checkpoint write)."""
+        try:
+            self.checkpointer.check_failed()
+        except RunFailed as err:
+            self._failure = str(err)
+        return self._failure
+
+    # -- the host's side, one step late -------------------------------------------------------
+
+    def _log_report(self, report: Report) -> None:
+        """The step's metrics row, TensorBoard scalars and progress line (once per step)."""
+        if report.logged:
+            return
+        report.logged = True
+        values = dict(zip(REPORT_FIELDS, report.values()))
+        info = report.info
+        tokens_per_sec = self.cfg.total_batch_size / info["step_time"]
         mfu = (self.flops_per_token * tokens_per_sec / (self.peak_flops * self.ctx.world_size)
                if self.peak_flops else None)
-        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                   "step_time": step_time, "time": time.time(), "tokens": self.tokens_seen,
-                   "epoch": self.loader.epoch_progress(),
-                   **({"mfu": mfu} if mfu is not None else {}), **memory_stats(self.ctx.device)}
-        self.run_logger.log_step(self.step, metrics)
-        eta = format_duration(timer.eta_seconds(self.max_steps - self.step))
+        metrics = {"loss": values["loss"], "lr": info["lr"], "grad_norm": values["grad_norm"],
+                   "tokens_per_sec": tokens_per_sec, "step_time": info["step_time"], "time": info["time"],
+                   "tokens": info["tokens"], "epoch": info["epoch"], **({"mfu": mfu} if mfu is not None else {}),
+                   **({"skipped": 1} if values["skipped"] else {}),
+                   **{k: v for k, v in info.items() if k.startswith("mem_")}}
+        self.run_logger.log_step(report.step, metrics)
+        eta = format_duration(self.timer.eta_seconds(self.max_steps - report.step))
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-        summary = (f"loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s | "
-                   f"mfu {mfu_text} | eta {eta}")
-        progress.update(self.step, summary, {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_sec:,.0f}",
-                                             "eta": eta})
+        summary = (f"loss {values['loss']:.4f} | lr {info['lr']:.2e} | grad_norm {values['grad_norm']:.3f} | "
+                   f"{tokens_per_sec:,.0f} tok/s | mfu {mfu_text} | eta {eta}"
+                   + (" | SKIPPED" if values["skipped"] else ""))
+        self.progress.update(report.step, summary, {"loss": f"{values['loss']:.3f}",
+                                                    "tok/s": f"{tokens_per_sec:,.0f}", "eta": eta})
+
+    def _log_pending_reports(self) -> None:
+        for report in self.readout.pending():
+            self._log_report(report)
+
+    def _act_on(self, report: Report) -> None:
+        """What a step's numbers call for, decided at the end of the next step on every rank:
+        skip bookkeeping, a rollback, a failure to share, a stop."""
+        self._log_report(report)
+        values = dict(zip(REPORT_FIELDS, report.values()))
+        if values["failed"]:
+            self._fail_together()
+        roll_back = self.recovery.record(report.step, bool(values["skipped"]))
+        if values["skipped"]:
+            why = describe_skip(values, self.cfg.spike_zscore)
+            log.warning("step %d skipped: %s (no update; its data is consumed)", report.step, why)
+            # Rows and scalars of a decision carry the step it is taken at (the next one), so a
+            # resume from the skipped step's checkpoint neither loses nor repeats them.
+            self.run_logger.log_event(self.step, "skip", {"skipped_step": report.step, "reason": why,
+                                                          "skipped_steps": self.recovery.skipped},
+                                      {"train/skipped_steps": self.recovery.skipped})
+        if roll_back:
+            self._rollback()
+        if values["stop"] and not self.stopping:
+            self.stopping = True
+            self.shutdown.announce(local=self.shutdown.requested)
+
+    def _fail_together(self) -> None:
+        messages = [m for m in all_gather_objects(self._failure, self.ctx) if m]
+        raise RunFailed(messages[0] if messages else "another rank failed")
+
+    def _rollback(self) -> None:
+        """Back to the newest valid checkpoint from before the skips; the data stays where it is."""
+        streak = list(self.recovery.streak or [])
+        if self.recovery.exhausted:
+            where = f"; the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})" \
+                if self.last_good else ""
+            raise RunFailed(f"{len(streak)} steps skipped in a row after {len(self.recovery.rollbacks or [])} "
+                            f"rollbacks ({self.recovery.history()}): the run does not heal itself{where}. "
+                            "Lower --learning_rate or check the data, then resume")
+        chosen = rank0_decides(lambda: self._rollback_target(streak[0]), self.ctx)
+        if chosen is None:
+            raise RunFailed(f"{len(streak)} steps skipped in a row ({self.recovery.history()}) and no valid "
+                            f"checkpoint from before step {streak[0]} to roll back to; lower --learning_rate "
+                            "or --checkpoint_freq and start again")
+        ckpt = self.checkpointer.load(Path(chosen))
+        self._load_weights(ckpt)
+        to_step = int(ckpt["step"])
+        self.recovery.rolled_back(at=self.step, to=to_step)
+        count = len(self.recovery.rollbacks or [])
+        log.warning("rollback %d/%d at step %d: weights and optimizer of %s (step %d); the data of steps %d-%d "
+                    "is not replayed", count, self.cfg.max_rollbacks, self.step, Path(chosen).name, to_step,
+                    to_step + 1, self.step)
+        self.run_logger.log_event(self.step, "rollback", {"to_step": to_step, "checkpoint": Path(chosen).name,
+                                                          "skipped": streak, "rollbacks": count},
+                                  {"train/rollbacks": count})
+
+    def _rollback_target(self, before_step: int) -> str | None:
+        candidates = [i for i in self.checkpointer.list() if i.valid and isinstance(i.step, int)
+                      and i.step < before_step]
+        for info in sorted(candidates, key=lambda i: i.step, reverse=True):
+            if validate_checkpoint(info.path, full=True)[0]:
+                return str(info.path)
+        return None
+
+    # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> int:
-        cfg = self.cfg
+        cfg, ctx = self.cfg, self.ctx
         if self.step >= self.max_steps:
-            log.info("checkpoint is at step %d and max_steps is %d: nothing left to train", self.step, self.max_steps)
+            log.info("nothing left to train: the checkpoint is at step %d and max_steps is %d; train further "
+                     "with a larger --max_steps (make train ARGS='--max_steps %d')", self.step, self.max_steps,
+                     max(2 * self.step, self.step + 100))
             return 0
         estimate = estimate_state_bytes(self.raw_model, self.optimizer)
-        rank0_decides(lambda: self.checkpointer.prepare(estimate), self.ctx)
+        rank0_decides(lambda: self.checkpointer.prepare(estimate), ctx)
         self._log_start()
-        timer = StepTimer()
-        progress = _Progress(self.ctx.is_main, self.step, self.max_steps, cfg.log_freq)
-        stopped_by_signal = False
+        self.progress = _Progress(ctx.is_main, self.step, self.max_steps, cfg.log_freq)
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)  # the last thing before the first resumed step
+        first_step = self.step + 1
         with self.shutdown:
             try:
                 while self.step < self.max_steps:
-                    lr = lr_at(self.step, max_lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                               max_steps=self.max_steps, min_lr_ratio=cfg.min_lr_ratio)
-                    epochs_before = self.epochs_completed()
-                    loss_t, grad_norm_t = self._train_step(lr)
-                    loss, grad_norm = loss_t.item(), grad_norm_t.item()
-                    if not math.isfinite(loss):
-                        raise RunFailed(f"loss is {loss} at step {self.step + 1}; no checkpoint was written "
-                                        f"after step {self.step}. Resume from the last good one with a lower "
-                                        "--learning_rate or more --warmup_steps")
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    self.tokens_seen += cfg.total_batch_size
-                    step_time = timer.lap()
-                    self._log_step(loss, grad_norm, lr, step_time, timer, progress)
-                    self._after_step(epochs_before)
-                    if self.ctx.is_main:
-                        self._raise_if_write_failed()
-                    if self.shutdown.should_stop(self.ctx.device):
-                        stopped_by_signal = True
+                    self.heartbeat.beat(self.step)
+                    self._train_step()
+                    if self.step == first_step:
+                        tighten_timeout(ctx)  # start-up is over: a silent rank now ends the run
+                    for report in self.readout.due():
+                        self._act_on(report)
+                    if self._after_step():
+                        self.timer.lap(skip_average=True)  # evaluations and saves stay out of tok/s and ETA
+                    if self.stopping:
                         break
-                    timer.lap(skip_average=True)  # eval and checkpoint time stays out of the ETA
+            except Exception as err:
+                if ctx.distributed and is_collective_failure(err):
+                    raise RunFailed(self._stall_message(err)) from None
+                raise
             finally:
-                progress.close()
-            if stopped_by_signal:
-                self._shutdown_save()
-                return 0
-        self._finish()
+                self.progress.close()
+        if self.stopping and self.step < self.max_steps:
+            self._shutdown_save()
+        else:
+            self._finish()
         return 0
 
     def epochs_completed(self) -> int:
         return math.floor(self.loader.epoch_progress())
 
-    def _after_step(self, epochs_before: int) -> None:
-        """Evaluation, histograms and checkpoints due after this step. Every name a step earns
-        is saved in one write (the other names are hard links to it)."""
+    def _after_step(self) -> bool:
+        """Evaluation, charts and checkpoints due after this step (True if any was). Every name a
+        step earns is saved in one write (the other names are hard links to it)."""
         cfg, step = self.cfg, self.step
         tiers: set[str] = set()
-        if step % cfg.eval_freq == 0 or step == self.max_steps:
+        if cfg.eval_freq and (step % cfg.eval_freq == 0 or step == self.max_steps):
+            self._log_pending_reports()
             if self._evaluate_and_log():
                 tiers.add("best")
         if step % cfg.checkpoint_freq == 0:
             tiers |= {"latest", "rolling"}
-        if self.epochs_completed() != epochs_before:
+        if self.epochs_completed() != self._epochs_before_step:
             tiers.add("epoch")  # an epoch ended inside this step (decided alike on every rank)
         if step == self.max_steps:
             tiers |= {"latest", "final"}
         if tiers:
+            self.heartbeat.beat(step, "checkpoint")
             self.save(tiers, wait="final" in tiers)
-        if cfg.viz_freq and step % cfg.viz_freq == 0 and self.ctx.is_main:
-            self._write_plots()
+        extras = bool(cfg.eval_freq and step % cfg.eval_freq == 0) or bool(cfg.viz_freq and step % cfg.viz_freq == 0)
+        if extras:
+            self._rank0_extras()
+        return bool(tiers) or extras
 
-    def _write_plots(self) -> None:
-        from common.plots import write_plots  # matplotlib only when charts are asked for
-        try:
-            write_plots(Path(self.cfg.log_dir))
-        except Exception as err:  # a chart must never end a run
-            log.warning("could not write the PNG charts: %s", err)
-
-    def _raise_if_write_failed(self) -> None:
-        try:
-            self.checkpointer.check_failed()
-        except CheckpointError as err:
-            raise RunFailed(str(err)) from None
+    def _stall_message(self, err: BaseException) -> str:
+        good = f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good else "none yet"
+        return (f"rank {self.ctx.rank}: a collective did not complete during step {self.step + 1} (timeout "
+                f"{self.ctx.timeout_s:g} s after start-up): another rank stopped answering (hung or died): "
+                f"{' '.join(str(err).split())[:200]}; last good checkpoint: {good}; continue with --resume latest")
 
     def _shutdown_save(self) -> None:
-        log.warning("received %s: saving step %d to %s/latest.pt", self.shutdown.signal_name or "a signal",
-                    self.step, self.cfg.checkpoint_dir)
+        self.heartbeat.beat(self.step, "shutdown save")
+        log.warning("stopping: saving step %d to %s/latest.pt", self.step, self.cfg.checkpoint_dir)
         if self.latest_saved_step == self.step:
-            self._wait_for_writes()  # this step's latest.pt is already being written
+            rank0_decides(self.checkpointer.wait, self.ctx)  # this step's latest.pt is already being written
         else:
             self.save({"latest"}, wait=True)
         log.warning("saved. Resume with: torchrun --standalone --nproc_per_node=%d %s --resume latest "
                     "(plus the same --config/flags)", self.ctx.world_size, Path(sys.argv[0]).name)
 
     def _finish(self) -> None:
+        for report in self.readout.pending():  # the last step's numbers: logged, nothing left to act on
+            self._log_report(report)
         self.run_logger.log_hparams(
             {**config_to_dict(self.cfg), "precision": self.spec.precision, "world_size": self.ctx.world_size},
             {"hparam/best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else float("nan"),
              "hparam/final_val_loss": self.last_val_loss if self.last_val_loss is not None else float("nan")})
+        self.heartbeat.beat(self.step, "done")
         log.info("done: %d steps, final val_loss %s, checkpoints in %s", self.step,
                  f"{self.last_val_loss:.4f}" if self.last_val_loss is not None else "n/a", self.cfg.checkpoint_dir)
 
@@ -542,21 +652,20 @@ class Trainer:
         self.loader.close()
 
 
-def train(cfg: TrainConfig, make_spec: Callable[[TrainConfig, DistContext], ModelSpec],
+def train(cfg: TrainConfig, make_spec: Callable[[Any, DistContext], ModelSpec],
           explicit: set[str] | None = None) -> int:
     """Run a training job: the entry scripts' whole `main`.
 
     `explicit` names the fields the user set (in --config or as flags); on resume every other
     field comes from the checkpoint's config.
     """
-    ctx = init_distributed(cfg.device, cfg.cpu_threads)
-    # A resumed run writes its log where it did before (its log_dir is in the checkpoint): until
-    # that is known, log to the console only, unless --log_dir was given.
-    resuming_elsewhere = bool(cfg.resume) and "log_dir" not in (explicit or set())
-    setup_logging(None if resuming_elsewhere else Path(cfg.log_dir), is_main=ctx.is_main, rank=ctx.rank)
+    ctx = init_distributed(cfg.device, cfg.cpu_threads, cfg.collective_timeout_s, cfg.log_dir)
+    setup_logging(is_main=ctx.is_main, rank=ctx.rank)
     trainer: Trainer | None = None
     try:
-        trainer = Trainer(cfg, ctx, make_spec, explicit if explicit is not None else set())
+        plan = resolve_run(cfg, explicit or set(), ctx)
+        log_to_file(Path(plan.cfg.log_dir))  # a resumed run logs where it did before
+        trainer = Trainer(plan, ctx, make_spec)
         return trainer.run()
     finally:
         if trainer is not None:
