@@ -34,6 +34,7 @@ from common.checkpoint import (
     validate_checkpoint,
 )
 from common.errors import UserError
+from common.fsutil import format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "checkpoint_worker.py"
@@ -202,6 +203,11 @@ def test_validation_detects_truncation_bitflip_and_missing_sidecar(tmp_path: Pat
     ok, reason = validate_checkpoint(best)
     assert not ok and "not valid JSON" in reason
     assert validate_checkpoint(tmp_path / "nope.pt") == (False, "file missing")
+
+
+def test_format_bytes_uses_iec_binary_units() -> None:
+    assert [format_bytes(n) for n in (0, 1023, 1024, 1536, 91_331_648, 1_493_172_224, (1 << 20) - 1)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "87.1 MiB", "1.4 GiB", "1.0 MiB"]
 
 
 def test_list_reports_every_name_with_validity(tmp_path: Path) -> None:

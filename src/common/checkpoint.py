@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .fsutil import atomic_write_bytes, fsync_dir
+from .fsutil import atomic_write_bytes, format_bytes, fsync_dir
 
 if TYPE_CHECKING:  # torch is imported lazily so listing and validation stay fast
     import torch
@@ -115,14 +115,6 @@ def _unlink(path: Path) -> bool:
         return True
     except FileNotFoundError:
         return False
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _read_sidecar(path: Path) -> tuple[dict | None, str]:
@@ -629,8 +621,8 @@ class Checkpointer:
         free = shutil.disk_usage(self.directory).free
         if free < estimated_bytes:
             raise UserError(
-                f"not enough disk space for one checkpoint in {self.directory}: {_fmt_bytes(free)} free, "
-                f"one checkpoint needs about {_fmt_bytes(estimated_bytes)}; free space or pass "
+                f"not enough disk space for one checkpoint in {self.directory}: {format_bytes(free)} free, "
+                f"one checkpoint needs about {format_bytes(estimated_bytes)}; free space or pass "
                 f"--checkpoint_dir on a larger disk"
             )
         count = self.kept_set_checkpoints()
@@ -642,14 +634,14 @@ class Checkpointer:
                 "checkpoints of about %s each needs about %s more (%d distinct files at peak); saves will "
                 "fail when the disk fills (earlier checkpoints stay intact). Lower --keep_rolling/--keep_epoch "
                 "or free space",
-                self.directory, _fmt_bytes(free), max(self.keep_rolling, 0), max(self.keep_epoch, 0),
-                _fmt_bytes(estimated_bytes), _fmt_bytes(needed), count,
+                self.directory, format_bytes(free), max(self.keep_rolling, 0), max(self.keep_epoch, 0),
+                format_bytes(estimated_bytes), format_bytes(needed), count,
             )
         else:
             logger.info(
                 "checkpoint directory %s: %s free, kept set needs about %s (%d x %s)",
-                self.directory, _fmt_bytes(free), _fmt_bytes(count * estimated_bytes), count,
-                _fmt_bytes(estimated_bytes),
+                self.directory, format_bytes(free), format_bytes(count * estimated_bytes), count,
+                format_bytes(estimated_bytes),
             )
 
     # ---- saving -----------------------------------------------------------------------------
@@ -778,7 +770,7 @@ class Checkpointer:
             logger.warning("could not rotate old checkpoints in %s: %s", self.directory, err.strerror or err)
         logger.info(
             "saved checkpoint step %d as %s (%s, %.2f s)",
-            step, ", ".join(names), _fmt_bytes(size), time.perf_counter() - started,
+            step, ", ".join(names), format_bytes(size), time.perf_counter() - started,
         )
 
     def _failure_message(self, exc: BaseException) -> str:
@@ -1035,7 +1027,7 @@ def _main(argv: list[str] | None = None) -> int:
             status = "valid (size)"
         print(
             f"{info.name:<22} {info.step if info.step is not None else '-':>9} "
-            f"{info.epoch if info.epoch is not None else '-':>5} {val:>9} {_fmt_bytes(info.size):>10}  {status}"
+            f"{info.epoch if info.epoch is not None else '-':>5} {val:>9} {format_bytes(info.size):>10}  {status}"
         )
     return 0
 
