@@ -387,8 +387,7 @@ def test_async_saves_reuse_snapshot_memory_without_mixing_contents(tmp_path: Pat
     for step in range(1, 5):
         loaded = ck.load(tmp_path / f"step_{step:08d}.pt")
         assert loaded["step"] == step and torch.equal(loaded["model"]["w"], torch.full((300_000,), float(step)))
-    ck.close()
-    assert not ck._buffers._free
+    ck.wait()
 
 
 def _run_fail_worker(cmd: list[str]) -> dict:

@@ -143,10 +143,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-HashCache = dict  # (st_dev, st_ino, st_size, st_mtime_ns) -> sha256; hard links are hashed once
-
-
-def validate_checkpoint(path: Path, *, full: bool = True, _cache: HashCache | None = None) -> tuple[bool, str]:
+def validate_checkpoint(path: Path, *, full: bool = True,
+                        _cache: dict[tuple[int, ...], str] | None = None) -> tuple[bool, str]:
     """Check a checkpoint against its sidecar without loading it.
 
     Returns (True, "ok") or (False, reason). `full=False` checks presence and size only (fast,
@@ -193,7 +191,7 @@ class SnapshotBuffers:
     slower than copying into memory already touched), and device-to-host copies are fastest
     into pinned memory, so the snapshot copies into the buffers of the previous snapshot when
     the sizes match (they do: a model's tensors keep their shapes). Holds one snapshot's worth
-    of host memory between saves; `clear()` gives it back.
+    of host memory between saves, until the process ends.
     """
 
     def __init__(self) -> None:
@@ -220,10 +218,6 @@ class SnapshotBuffers:
         """The snapshot using the buffers has been written: make them available again."""
         for key, buffer in self._in_use:
             self._free.setdefault(key, []).append(buffer)
-        self._in_use = []
-
-    def clear(self) -> None:
-        self._free.clear()
         self._in_use = []
 
 
@@ -295,24 +289,13 @@ def _snapshot(obj: Any, memo: dict, buffers: SnapshotBuffers | None) -> Any:
     return copy.deepcopy(obj)
 
 
-def _optimizer_slots(optimizer: Any, group: dict) -> int:
-    """State tensors per parameter an optimizer creates at its first step."""
-    name = type(optimizer).__name__.lower()
-    if name in ("adam", "adamw", "nadam", "radam", "adamax"):
-        return 2 + (1 if group.get("amsgrad") else 0)
-    if name == "sgd":
-        return 1 if group.get("momentum", 0) else 0
-    if name in ("adagrad", "rmsprop", "adadelta"):
-        return 1 if name != "adadelta" else 2
-    return 2  # unknown optimizer: assume Adam-like, the common and larger case
-
-
 def estimate_state_bytes(*modules_or_state: Any) -> int:
     """Bytes a checkpoint of these objects will take: the tensors' storage, each counted once.
 
     Accepts nn.Module (parameters and buffers), torch.optim.Optimizer (its state; before the
-    first step, the moments it will create: 2 per parameter for Adam/AdamW), tensors and
-    containers of them. Pickle and zip overhead (a few KB) is ignored.
+    first step, what AdamW, the suite's optimizer, will create: two moments per parameter in its
+    dtype and a step counter), tensors and containers of them. Pickle and zip overhead (a few KB)
+    is ignored.
     """
     import torch
 
@@ -338,13 +321,12 @@ def estimate_state_bytes(*modules_or_state: Any) -> int:
             walk(obj.state_dict())
         elif isinstance(obj, torch.optim.Optimizer):
             for group in obj.param_groups:
-                slots = _optimizer_slots(obj, group)
                 for p in group["params"]:
                     state = obj.state.get(p)
                     if state:
                         walk(state)
-                    else:  # not stepped yet: the moments (same dtype as the parameter) + step
-                        total += slots * p.numel() * p.element_size() + (4 if slots else 0)
+                    else:  # not stepped yet: exp_avg and exp_avg_sq like the parameter, a float32 step
+                        total += 2 * p.numel() * p.element_size() + 4
         elif isinstance(obj, dict):
             for value in obj.values():
                 walk(value)
@@ -565,7 +547,6 @@ class Checkpointer:
         self._error: CheckpointError | None = None
         self._warned_no_links = False
         self._buffers = SnapshotBuffers()
-        self.last_snapshot_seconds: float | None = None  # caller-side stall of the last async save
 
     # ---- start of run -----------------------------------------------------------------------
 
@@ -696,9 +677,7 @@ class Checkpointer:
         if synchronous:
             self._write(state, names, step, epoch, val_loss)
             return
-        started = time.perf_counter()
         snapshot = snapshot_state(state, self._buffers)
-        self.last_snapshot_seconds = time.perf_counter() - started
         self._start_background(lambda: self._write(snapshot, names, step, epoch, val_loss))
 
     def _start_background(self, job: Callable[[], None]) -> None:
@@ -732,13 +711,6 @@ class Checkpointer:
             self._thread = None
         if self._thread is None:
             self._raise_pending()
-
-    def close(self) -> None:
-        """Wait for the in-flight write, then free the snapshot memory kept for reuse."""
-        try:
-            self.wait()
-        finally:
-            self._buffers.clear()
 
     def _raise_pending(self) -> None:
         err, self._error = self._error, None  # reported once
@@ -858,7 +830,7 @@ class Checkpointer:
         `full=True` verifies each sha256 (reads every file); the default checks sidecar and size.
         A sidecar without its data file is listed as invalid ("file missing").
         """
-        cache: HashCache = {}
+        cache: dict[tuple[int, ...], str] = {}  # (dev, ino, size, mtime_ns) -> sha256: hard links hashed once
         infos = []
         stems = sorted({p.stem for p in self._named_files()})
         for stem in stems:
@@ -926,7 +898,7 @@ class Checkpointer:
                 f"no checkpoint to resume in {self.directory} (no latest.pt or other .pt checkpoint); "
                 f"check --checkpoint_dir, or drop --resume to start fresh (--resume auto does that by itself)"
             )
-        cache: HashCache = {}
+        cache: dict[tuple[int, ...], str] = {}  # (dev, ino, size, mtime_ns) -> sha256: hard links hashed once
         latest = self.directory / "latest.pt"
         valid, why = validate_checkpoint(latest, full=True, _cache=cache)
         if valid:
