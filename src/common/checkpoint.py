@@ -40,10 +40,14 @@ Choosing what to resume: `Checkpointer.choose_resume(spec)` turns `--resume` (or
 into a validated file or None (start fresh); it never starts fresh over checkpoint data it cannot
 use. Fallbacks and rotation rank checkpoints by write time, never by step number, so after a
 resume from an earlier step the abandoned run's later steps are neither kept nor picked.
+
+Listing: `python -m common.checkpoint [DIR] [--verify] [--json]` (what shell/list_checkpoints.sh
+runs). Importing this module imports no torch: listing and validation work with a bare python3.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import errno
 import hashlib
@@ -53,7 +57,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 import uuid
@@ -64,7 +67,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from .errors import UserError, run_cli
 from .fsutil import atomic_write_bytes, format_bytes, fsync_dir
 
 if TYPE_CHECKING:  # torch is imported lazily so listing and validation stay fast
@@ -79,6 +82,8 @@ TIERS = ("latest", "rolling", "epoch", "best", "final")
 _PUBLISH_ORDER = ("rolling", "epoch", "final", "best", "latest")
 TMP_PREFIX = ".ckpt-tmp-"
 _NAME_RE = re.compile(r"^(latest|best|final|step_(\d{8,})|epoch_(\d{3,}))\.(pt|json)$")
+# Listing order of the names of one step: the tier files first, then these.
+_NAME_ORDER = {"best.pt": 1, "latest.pt": 2, "final.pt": 3}
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _EPOCH_RE = re.compile(r"^epoch_(\d{3,})$")
 _HASH_CHUNK = 8 << 20
@@ -902,7 +907,7 @@ class Checkpointer:
         hashes: dict[tuple[int, ...], str] = {}
         stems = sorted({p.stem for p in self._named_files()})
         infos = [_checkpoint_info(self.directory / f"{stem}.pt", full=full, hashes=hashes) for stem in stems]
-        infos.sort(key=lambda i: (-1 if i.step is None else i.step, i.name))
+        infos.sort(key=lambda i: (-1 if i.step is None else i.step, _NAME_ORDER.get(i.name, 0), i.name))
         return infos
 
     def choose_resume(self, spec: str) -> Path | None:
@@ -1042,35 +1047,102 @@ def _problems(problems: dict[str, str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# `python -m common.checkpoint [DIR]`: list checkpoints without importing torch
+# `python -m common.checkpoint [DIR] [--verify] [--json]`: the listing, standard library only
+
+
+def _written_text(info: CheckpointInfo) -> str:
+    local = datetime.fromtimestamp(info.written).strftime("%Y-%m-%d %H:%M:%S")
+    return local if info.written_from == "sidecar" else f"{local} (mtime)"
+
+
+def _disk_use(directory: Path) -> int:
+    """Bytes allocated under `directory`, as du counts them: each hard-linked file once."""
+    seen: set[tuple[int, int]] = set()
+    used = 0
+    for root, dirs, files in os.walk(directory):
+        entries = [os.curdir, *dirs, *files] if Path(root) == directory else [*dirs, *files]
+        for entry in entries:
+            st = os.lstat(os.path.join(root, entry))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                used += getattr(st, "st_blocks", 0) * 512 or st.st_size
+    return used
+
+
+def _listing(directory: Path, infos: list[CheckpointInfo], *, verified: bool) -> list[str]:
+    """The lister's lines: a table of every name, then disk use, temporary files and problems.
+
+    "<- latest" marks the file `--resume latest` would take and "<- best" the one `--resume best`
+    would, as far as this listing checked them (sizes, or sha256 with --verify).
+    """
+    lines = [f"Checkpoints in {directory.resolve()}" + ("  (sha256 verified)" if verified else "")]
+    if not infos:
+        lines.append("  none yet")
+    notes: dict[str, list[str]] = {i.name: [] for i in infos}
+    latest = next((i for i in _latest_candidates(infos) if i.valid), None)
+    if latest is not None:
+        notes[latest.name].append("<- latest")
+    if any(i.name == "best.pt" and i.valid for i in infos):
+        notes["best.pt"].append("<- best")
+    by_file: dict[tuple[int, int], list[str]] = {}
+    for info in infos:
+        with contextlib.suppress(OSError):
+            st = info.path.stat()
+            by_file.setdefault((st.st_dev, st.st_ino), []).append(info.name)
+    for names in by_file.values():
+        for name in names:
+            if len(names) > 1:
+                notes[name].append("same file as " + ", ".join(n for n in names if n != name))
+
+    table = [("NAME", "STEP", "EPOCH", "VAL_LOSS", "WRITTEN", "SIZE", "STATUS", "NOTE")]
+    for info in infos:
+        status = ("ok (sha256)" if verified else "ok") if info.valid else info.status
+        table.append((
+            info.name, "-" if info.step is None else str(info.step), "-" if info.epoch is None else str(info.epoch),
+            "-" if info.val_loss is None else f"{info.val_loss:.4f}", _written_text(info),
+            "-" if info.status == MISSING_FILE else format_bytes(info.size), status, "  ".join(notes[info.name]),
+        ))
+    if infos:
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        right_aligned = {1, 2, 3, 5}
+        for row in table:
+            cells = [c.rjust(w) if i in right_aligned else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            lines.append("  " + "  ".join(cells).rstrip())
+
+    lines.append(f"Total disk use: {format_bytes(_disk_use(directory))} (like du: hard-linked files counted once)")
+    temporary = sorted(p.name for p in directory.iterdir() if p.name.startswith(TMP_PREFIX))
+    if temporary:
+        lines.append(f"Temporary files of an interrupted or running save: {', '.join(temporary)}")
+    problems = [i for i in infos if not i.valid]
+    if problems:
+        lines.append(f"{len(problems)} problem(s):")
+        lines.extend(f"  {i.name}: {i.reason}" for i in problems)
+        if not verified:
+            lines.append("Sizes were checked; run with --verify to also compare sha256 (reads every file).")
+    return lines
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="List checkpoints with step, val loss and validity.")
-    parser.add_argument("directory", nargs="?", default="checkpoints")
-    parser.add_argument("--full", action="store_true", help="verify every sha256 (reads every file)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    """List a checkpoint directory; exit status 1 when a name is not usable, 2 for a bad directory."""
+    parser = argparse.ArgumentParser(
+        prog="python -m common.checkpoint",
+        description="List checkpoints with step, epoch, val loss, write time, size and validity, from their "
+                    "sidecars (no torch).",
+    )
+    parser.add_argument("directory", nargs="?", default="checkpoints", type=Path)
+    parser.add_argument("--verify", action="store_true", help="also compare every sha256 (reads every file)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per checkpoint name")
     args = parser.parse_args(argv)
-    infos = Checkpointer(args.directory, enabled=False).list(full=args.full)
+    if not args.directory.is_dir():
+        raise UserError(f"no checkpoint directory {args.directory} (train first, or pass the run's --checkpoint_dir)")
+    infos = Checkpointer(args.directory, enabled=False).list(full=args.verify)
     if args.json:
         for info in infos:
-            print(json.dumps(dict(asdict(info), path=str(info.path)), default=str))
-        return 0
-    if not infos:
-        print(f"no checkpoints in {args.directory}")
-        return 0
-    print(f"{'name':<22} {'step':>9} {'epoch':>5} {'val_loss':>9} {'size':>10}  status")
-    for info in infos:
-        val = f"{info.val_loss:.4f}" if isinstance(info.val_loss, (int, float)) else "-"
-        status = "valid" if info.valid else f"INVALID: {info.reason}"
-        if info.valid and not args.full:
-            status = "valid (size)"
-        print(
-            f"{info.name:<22} {info.step if info.step is not None else '-':>9} "
-            f"{info.epoch if info.epoch is not None else '-':>5} {val:>9} {format_bytes(info.size):>10}  {status}"
-        )
-    return 0
+            print(json.dumps(dict(asdict(info), path=str(info.path), valid=info.valid)))
+    else:
+        print("\n".join(_listing(args.directory, infos, verified=args.verify)))
+    return 0 if all(i.valid for i in infos) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    run_cli(_main)
