@@ -1,4 +1,4 @@
-"""Checkpointer: atomic writes, tiers, hard links, sidecars, validation, resolve, async, failures.
+"""Checkpointer: atomic writes, tiers, hard links, sidecars, validation, choose_resume, async, failures.
 
 The failure tests use real OS failures, not mocks: RLIMIT_FSIZE makes write() fail with EFBIG in
 a child process, and a 8 MB tmpfs in a private mount namespace gives a real ENOSPC (skipped where
@@ -26,6 +26,8 @@ import torch
 from runs import env
 
 from common.checkpoint import (
+    NO_SIDECAR,
+    OK,
     TMP_PREFIX,
     Checkpointer,
     estimate_state_bytes,
@@ -34,6 +36,7 @@ from common.checkpoint import (
     validate_checkpoint,
 )
 from common.errors import UserError
+from common.fsutil import format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "checkpoint_worker.py"
@@ -47,6 +50,8 @@ def make_state(step: int, numel: int = 1000, val_loss: float | None = None) -> d
         "step": step,
         "epoch": 0,
         "val_loss": val_loss,
+        "config": {"n_layer": 1},
+        "data_state": {"position": step},
         "meta": {"version": "test", "tokens_seen": step * 10},
     }
 
@@ -58,6 +63,12 @@ def save(ck: Checkpointer, step: int, tiers: set[str], *, epoch: int = 0, val_lo
 
 def names(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir()}
+
+
+def snapshot_dir(directory: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file's (size, mtime_ns, sha256): equal before and after means nothing was touched."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(directory.iterdir())}
 
 
 def flip_byte(path: Path, offset: int = 200) -> None:
@@ -204,6 +215,11 @@ def test_validation_detects_truncation_bitflip_and_missing_sidecar(tmp_path: Pat
     assert validate_checkpoint(tmp_path / "nope.pt") == (False, "file missing")
 
 
+def test_format_bytes_uses_iec_binary_units() -> None:
+    assert [format_bytes(n) for n in (0, 1023, 1024, 1536, 91_331_648, 1_493_172_224, (1 << 20) - 1)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "87.1 MiB", "1.4 GiB", "1.0 MiB"]
+
+
 def test_list_reports_every_name_with_validity(tmp_path: Path) -> None:
     ck = Checkpointer(tmp_path)
     save(ck, 3, {"latest", "rolling"}, val_loss=2.0)
@@ -215,9 +231,10 @@ def test_list_reports_every_name_with_validity(tmp_path: Path) -> None:
     assert infos["latest.pt"].valid and infos["latest.pt"].step == 3 and infos["latest.pt"].val_loss == 2.0
     assert infos["latest.pt"].meta["tokens_seen"] == 30 and infos["latest.pt"].size > 0
     assert not infos["step_00000001.pt"].valid and infos["step_00000001.pt"].reason == "file missing"
+    assert infos["latest.pt"].status == OK and infos["latest.pt"].written_from == "sidecar"
 
 
-# ---- resolve ------------------------------------------------------------------------------------
+# ---- choose_resume -------------------------------------------------------------------------------
 
 
 def _populate(tmp_path: Path) -> Checkpointer:
@@ -231,91 +248,168 @@ def _populate(tmp_path: Path) -> Checkpointer:
     return ck
 
 
-def test_resolve_latest_prefers_valid_latest(tmp_path: Path) -> None:
+def test_choose_latest_prefers_valid_latest(tmp_path: Path) -> None:
     ck = _populate(tmp_path)
-    assert ck.resolve("latest") == tmp_path / "latest.pt"
-    assert ck.resolve("auto") == tmp_path / "latest.pt"
+    assert ck.choose_resume("latest") == tmp_path / "latest.pt"
+    assert ck.choose_resume("auto") == tmp_path / "latest.pt"
 
 
-def test_resolve_latest_falls_back_to_newest_valid_of_any_tier(tmp_path: Path,
+def test_choose_latest_falls_back_to_newest_valid_of_any_tier(tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     ck = _populate(tmp_path)
     flip_byte(tmp_path / "latest.pt")
     with caplog.at_level(logging.WARNING, logger="common.checkpoint"):
-        path = ck.resolve("latest")
+        path = ck.choose_resume("latest")
     assert path == tmp_path / "epoch_001.pt"  # highest step among the others
     assert "epoch_001.pt" in caplog.text and "sha256" in caplog.text and "latest.pt" in caplog.text
 
     # Truncate that one too: next is step 4, then best (step 3).
     with open(tmp_path / "epoch_001.pt", "r+b") as f:
         f.truncate(100)
-    assert ck.resolve("latest") == tmp_path / "step_00000004.pt"
+    assert ck.choose_resume("latest") == tmp_path / "step_00000004.pt"
     (tmp_path / "step_00000004.json").unlink()
-    assert ck.resolve("latest") == tmp_path / "best.pt"
+    assert ck.choose_resume("latest") == tmp_path / "best.pt"
 
 
-def test_resolve_latest_when_latest_missing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_choose_latest_when_latest_missing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ck = _populate(tmp_path)
     (tmp_path / "latest.pt").unlink()
     with caplog.at_level(logging.WARNING):
-        assert ck.resolve("latest") == tmp_path / "epoch_001.pt"
-    assert "does not exist" in caplog.text
+        assert ck.choose_resume("latest") == tmp_path / "epoch_001.pt"
+    assert "is not usable (file missing)" in caplog.text
 
 
-def test_resolve_latest_with_nothing_valid_is_a_user_error(tmp_path: Path) -> None:
+def test_choose_latest_with_nothing_valid_is_a_user_error(tmp_path: Path) -> None:
     ck = Checkpointer(tmp_path)
     save(ck, 1, {"latest", "rolling"})
     for p in tmp_path.glob("*.json"):
         p.unlink()
     with pytest.raises(UserError) as info:
-        ck.resolve("latest")
+        ck.choose_resume("latest")
     message = str(info.value)
     assert "\n" not in message and "no valid checkpoint" in message and "start fresh" in message
 
 
-def test_resolve_latest_in_empty_or_missing_dir(tmp_path: Path) -> None:
+def test_choose_latest_in_empty_or_missing_dir(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no checkpoint to resume"):
-        Checkpointer(tmp_path).resolve("latest")
+        Checkpointer(tmp_path).choose_resume("latest")
     with pytest.raises(UserError, match="no checkpoint to resume"):
-        Checkpointer(tmp_path / "missing").resolve("latest")
+        Checkpointer(tmp_path / "missing").choose_resume("latest")
 
 
-def test_resolve_auto(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    assert Checkpointer(tmp_path / "missing").resolve("auto") is None
-    assert Checkpointer(tmp_path).resolve("auto") is None
+def test_choose_auto_starts_fresh_only_without_checkpoint_data(tmp_path: Path) -> None:
+    assert Checkpointer(tmp_path / "missing").choose_resume("auto") is None
+    assert Checkpointer(tmp_path).choose_resume("auto") is None
+    (tmp_path / f"{TMP_PREFIX}1-abc.data").write_bytes(b"an interrupted first save")
+    assert Checkpointer(tmp_path).choose_resume("auto") is None  # temporary files are not checkpoints
     ck = Checkpointer(tmp_path)
     save(ck, 1, {"latest"})
     flip_byte(tmp_path / "latest.pt")
-    with caplog.at_level(logging.WARNING):
-        assert ck.resolve("auto") is None
-    assert "NONE is valid" in caplog.text
+    before = snapshot_dir(tmp_path)
+    with pytest.raises(UserError) as info:
+        ck.choose_resume("auto")
+    message = str(info.value)
+    assert "\n" not in message and "latest.pt: sha256 does not match" in message
+    assert "does not start fresh" in message and "--resume PATH" in message
+    assert snapshot_dir(tmp_path) == before
 
 
-def test_resolve_best(tmp_path: Path) -> None:
+def test_choose_auto_refuses_checkpoints_copied_without_sidecars(tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path / "run", keep_rolling=3)
+    for step in (2, 4, 6):
+        save(ck, step, {"latest", "rolling"})
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for pt in (tmp_path / "run").glob("*.pt"):  # `cp run/*.pt copy/`: the sidecars stay behind
+        shutil.copyfile(pt, copy / pt.name)
+    assert {i.status for i in Checkpointer(copy).list()} == {NO_SIDECAR}
+    before = snapshot_dir(copy)
+    for spec in ("auto", "latest"):
+        with pytest.raises(UserError) as info:
+            Checkpointer(copy).choose_resume(spec)
+        message = str(info.value)
+        assert "\n" not in message and "no valid checkpoint" in message
+        assert "latest.pt, step_00000002.pt, step_00000004.pt and 1 more: no sidecar" in message
+        assert "restore their .json sidecars" in message and "move them aside" in message
+    assert snapshot_dir(copy) == before
+
+
+def test_fresh_run_is_refused_where_checkpoint_data_exists(tmp_path: Path) -> None:
+    assert Checkpointer(tmp_path / "missing").choose_resume("") is None
+    (tmp_path / f"{TMP_PREFIX}1-abc.data").write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert Checkpointer(tmp_path).choose_resume("") is None
+    (tmp_path / "step_00000003.json").write_text("{}")  # even a lone sidecar: a run was here
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        Checkpointer(tmp_path).choose_resume("")
+
+
+def test_fallback_prefers_the_most_recently_written_over_a_higher_step(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ck = Checkpointer(tmp_path, keep_rolling=10)
+    for step in (10, 20, 30):  # the first run, abandoned after step 30
+        save(ck, step, {"latest", "rolling"})
+    for step in (15, 25):  # a run resumed from step 10 (e.g. after a loss spike)
+        save(ck, step, {"latest", "rolling"})
+    latest = tmp_path / "latest.pt"
+    data = latest.read_bytes()
+    latest.unlink()  # damage this name only, not its hard link step_00000025.pt
+    latest.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="common.checkpoint"):
+        assert ck.choose_resume("latest") == tmp_path / "step_00000025.pt"
+    assert "the most recently written valid checkpoint" in caplog.text
+    (tmp_path / "step_00000025.json").unlink()
+    assert ck.choose_resume("latest") == tmp_path / "step_00000015.pt"  # not step 30 of the abandoned run
+
+
+def test_choose_best(tmp_path: Path) -> None:
     ck = Checkpointer(tmp_path)
     with pytest.raises(UserError, match="no best.pt"):
-        ck.resolve("best")
+        ck.choose_resume("best")
     save(ck, 3, {"best"}, val_loss=1.0)
-    assert ck.resolve("best") == tmp_path / "best.pt"
+    assert ck.choose_resume("best") == tmp_path / "best.pt"
     flip_byte(tmp_path / "best.pt")
     with pytest.raises(UserError, match="not usable"):
-        ck.resolve("best")
+        ck.choose_resume("best")
 
 
-def test_resolve_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_choose_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ck = Checkpointer(tmp_path / "ck")
     save(ck, 4, {"rolling", "latest"})
-    assert ck.resolve(str(tmp_path / "ck" / "step_00000004.pt")) == tmp_path / "ck" / "step_00000004.pt"
+    assert ck.choose_resume(str(tmp_path / "ck" / "step_00000004.pt")) == tmp_path / "ck" / "step_00000004.pt"
     monkeypatch.chdir(tmp_path)
-    assert ck.resolve("step_00000004.pt") == tmp_path / "ck" / "step_00000004.pt"  # found in the dir
+    assert ck.choose_resume("step_00000004.pt") == tmp_path / "ck" / "step_00000004.pt"  # found in the dir
     with pytest.raises(UserError, match="not found"):
-        ck.resolve("nope.pt")
+        ck.choose_resume("nope.pt")
     with pytest.raises(UserError, match="is a directory"):
-        ck.resolve(str(tmp_path / "ck"))
-    data = (tmp_path / "ck" / "latest.pt").read_bytes()
-    (tmp_path / "copy.pt").write_bytes(data)  # no sidecar
-    with pytest.raises(UserError, match="no sidecar"):
-        ck.resolve(str(tmp_path / "copy.pt"))
+        ck.choose_resume(str(tmp_path / "ck"))
+    broken = tmp_path / "ck" / "step_00000004.pt"
+    broken.unlink()
+    broken.write_bytes((tmp_path / "ck" / "latest.pt").read_bytes()[:-10])
+    with pytest.raises(UserError, match="not usable: size is"):
+        ck.choose_resume(str(broken))
+
+
+def test_choose_path_without_sidecar_loads_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ck = Checkpointer(tmp_path / "ck")
+    save(ck, 4, {"latest"})
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes((tmp_path / "ck" / "latest.pt").read_bytes())  # copied without its sidecar
+    with caplog.at_level(logging.WARNING, logger="common.checkpoint"):
+        assert ck.choose_resume(str(copy)) == copy
+    assert "integrity cannot be verified" in caplog.text
+    assert ck.load(copy)["step"] == 4
+
+
+def test_load_refuses_a_file_a_resume_cannot_use(tmp_path: Path) -> None:
+    weights_only = tmp_path / "exported.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "config": {}, "meta": {}}, weights_only)
+    with pytest.raises(UserError) as info:
+        Checkpointer(tmp_path).load(weights_only)
+    assert "no optimizer, step, data_state" in str(info.value) and "\n" not in str(info.value)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(UserError, match="no model, optimizer"):
+        Checkpointer(tmp_path).load(tmp_path / "list.pt")
 
 
 def test_load_of_unsafe_file_is_a_user_error(tmp_path: Path) -> None:
@@ -381,8 +475,7 @@ def test_async_saves_reuse_snapshot_memory_without_mixing_contents(tmp_path: Pat
     for step in range(1, 5):
         loaded = ck.load(tmp_path / f"step_{step:08d}.pt")
         assert loaded["step"] == step and torch.equal(loaded["model"]["w"], torch.full((300_000,), float(step)))
-    ck.close()
-    assert not ck._buffers._free
+    ck.wait()
 
 
 def _run_fail_worker(cmd: list[str]) -> dict:
@@ -559,7 +652,7 @@ def test_death_at_every_file_operation_of_a_save_keeps_the_invariants(tmp_path: 
         assert code in (0, 3), code
         newest = _check_directory_after_kill(directory, stats)
         assert newest >= 3  # the checkpoint before the interrupted save is still valid somewhere
-        resolved = Checkpointer(directory).resolve("latest")
+        resolved = Checkpointer(directory).choose_resume("latest")
         assert Checkpointer(directory).load(resolved)["step"] >= 3
         shutil.rmtree(directory)
         if code == 3:
@@ -596,7 +689,7 @@ def test_kill_9_at_random_moments_never_corrupts_a_checkpoint(tmp_path: Path) ->
             newest = now
             ck = Checkpointer(directory, keep_rolling=3, keep_epoch=2)
             if newest:
-                resolved = ck.resolve("latest")
+                resolved = ck.choose_resume("latest")
                 assert resolved is not None and not resolved.name.startswith(TMP_PREFIX)
                 assert validate_checkpoint(resolved)[0]
             ck.prepare(0)
@@ -611,7 +704,7 @@ def test_kill_9_at_random_moments_never_corrupts_a_checkpoint(tmp_path: Path) ->
     ck = Checkpointer(directory, keep_rolling=3, keep_epoch=2)
     save(ck, newest + 1, {"latest", "rolling"})
     assert len(list(directory.glob("step_*.pt"))) == 3
-    assert ck.resolve("latest") == directory / "latest.pt"
+    assert ck.choose_resume("latest") == directory / "latest.pt"
 
 
 # ---- shell/resume_training.sh -------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Checkpoints, graceful shutdown and exact resume with real torchrun processes and real signals."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -222,3 +224,65 @@ def test_resume_refusals_and_auto(prepared_data: Path, tmp_path: Path) -> None:
     resumed = load_checkpoint(tmp_path / "ckpt" / "latest.pt")
     assert resumed["step"] == 3 and resumed["config"]["n_embd"] == 32
     assert resumed["config"]["data_dir"] == str(prepared_data)
+
+
+def _single(tmp: Path, data: Path, ckpt: Path, *args: str) -> list[str]:
+    """One plain process of train_improved.py (the choice of checkpoint is rank 0's alone)."""
+    return [sys.executable, str(SRC / "train_improved.py"), *TINY_FLAGS, "--data_dir", str(data),
+            "--checkpoint_dir", str(ckpt), "--log_dir", str(tmp / "logs"), "--eval_freq", "100", *args]
+
+
+def _files(directory: Path) -> dict[str, tuple[int, int, str]]:
+    """name -> (size, mtime_ns, sha256) of every file: equal before and after means untouched."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(directory.iterdir())}
+
+
+def test_resume_auto_refuses_checkpoints_copied_without_sidecars(prepared_data: Path, tmp_path: Path) -> None:
+    """A run's directory copied without its .json files (`cp ckpt/*.pt copy/`): --resume auto must not
+    start fresh over it (its saves would replace latest.pt and best.pt and rotate the step files away)."""
+    first = run(_single(tmp_path, prepared_data, tmp_path / "ckpt", "--max_steps", "4", "--checkpoint_freq", "2"))
+    assert first.returncode == 0, first.stderr
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for pt in (tmp_path / "ckpt").glob("*.pt"):
+        shutil.copyfile(pt, copy / pt.name)
+    assert {"latest.pt", "final.pt", "step_00000002.pt", "step_00000004.pt"} <= set(_files(copy))
+    before = _files(copy)
+
+    auto = run(_single(tmp_path, prepared_data, copy, "--max_steps", "6", "--resume", "auto"))
+    assert auto.returncode == 2, auto.stderr
+    lines = auto.stderr.strip().splitlines()
+    assert len(lines) == 1, auto.stderr
+    assert lines[0].startswith(f"train_improved.py: error: no valid checkpoint in {copy} (")
+    assert "no sidecar" in lines[0] and "does not start fresh" in lines[0] and "--resume PATH" in lines[0]
+    assert _files(copy) == before  # same names, sizes, mtimes and bytes: nothing written, nothing new
+
+    # Named explicitly, a file without a sidecar is loaded after a warning (here into a new directory).
+    named = run(_single(tmp_path, prepared_data, tmp_path / "resumed", "--max_steps", "6",
+                        "--resume", str(copy / "latest.pt")))
+    assert named.returncode == 0, named.stderr
+    assert "integrity cannot be verified" in named.stderr and "at step 4" in named.stderr
+    assert load_checkpoint(tmp_path / "resumed" / "latest.pt")["step"] == 6
+    assert _files(copy) == before
+
+
+def test_fallback_after_resuming_from_an_earlier_step_skips_the_abandoned_steps(prepared_data: Path,
+                                                                                tmp_path: Path) -> None:
+    """Run A saves steps 2..8; run B resumes from step 4 and ends at 6; latest.pt is then damaged.
+    --resume latest must fall back to B's step 6 (written last), not A's abandoned step 8."""
+    ckpt = tmp_path / "ckpt"
+    a = run(_single(tmp_path, prepared_data, ckpt, "--max_steps", "8", "--checkpoint_freq", "2"))
+    assert a.returncode == 0, a.stderr
+    b = run(_single(tmp_path, prepared_data, ckpt, "--max_steps", "6", "--resume", str(ckpt / "step_00000004.pt")))
+    assert b.returncode == 0, b.stderr
+    assert load_checkpoint(ckpt / "step_00000008.pt")["step"] == 8  # the abandoned run's higher step is there
+    latest = ckpt / "latest.pt"
+    data = latest.read_bytes()
+    latest.unlink()  # a hard link of B's step 6 files: damage this name only
+    latest.write_bytes(data[: len(data) // 2])
+
+    c = run(_single(tmp_path, prepared_data, ckpt, "--max_steps", "8", "--resume", "latest"))
+    assert c.returncode == 0, c.stderr
+    assert "latest.pt" in c.stderr and "resuming from step_00000006.pt" in c.stderr
+    assert "at step 6" in c.stderr

@@ -221,7 +221,10 @@ def test_list_checkpoints_table_marks_and_no_torch(checkpoint_dir: Path, tmp_pat
     assert "<- latest" in rows["latest.pt"]["NOTE"] and "<- best" in rows["best.pt"]["NOTE"]
     assert "same file as step_00000300.pt" in rows["latest.pt"]["NOTE"]
     assert rows["step_00000200.pt"]["WRITTEN"].startswith("2026-01-0")
-    assert "Total disk use:" in proc.stdout
+    # Sizes in IEC binary units, as `ls -lh` shows them: one unit everywhere in the suite.
+    size = (checkpoint_dir / "best.pt").stat().st_size
+    assert rows["best.pt"]["SIZE"] == f"{size / 1024:.1f} KiB"
+    assert re.search(r"^Total disk use: \d+\.\d KiB ", proc.stdout, re.M)
 
 
 def test_list_checkpoints_flags_corrupt_files(checkpoint_dir: Path, tmp_path: Path) -> None:

@@ -35,10 +35,19 @@ Asynchronous saves: the caller blocks only while every tensor is copied to CPU m
 snapshot); a single background thread writes the snapshot; at most one write is in flight. A
 failed background write is raised as CheckpointError by the next `check_failed()`, `wait()`
 or `save()`, so the run stops clearly instead of training on without checkpoints.
+
+Choosing what to resume: `Checkpointer.choose_resume(spec)` turns `--resume` (or its absence)
+into a validated file or None (start fresh); it never starts fresh over checkpoint data it cannot
+use. Fallbacks and rotation rank checkpoints by write time, never by step number, so after a
+resume from an earlier step the abandoned run's later steps are neither kept nor picked.
+
+Listing: `python -m common.checkpoint [DIR] [--verify] [--json]` (what shell/list_checkpoints.sh
+runs). Importing this module imports no torch: listing and validation work with a bare python3.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import errno
 import hashlib
@@ -48,7 +57,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 import uuid
@@ -59,8 +67,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
-from .fsutil import atomic_write_bytes, fsync_dir
+from .errors import UserError, run_cli
+from .fsutil import atomic_write_bytes, format_bytes, fsync_dir
 
 if TYPE_CHECKING:  # torch is imported lazily so listing and validation stay fast
     import torch
@@ -74,11 +82,24 @@ TIERS = ("latest", "rolling", "epoch", "best", "final")
 _PUBLISH_ORDER = ("rolling", "epoch", "final", "best", "latest")
 TMP_PREFIX = ".ckpt-tmp-"
 _NAME_RE = re.compile(r"^(latest|best|final|step_(\d{8,})|epoch_(\d{3,}))\.(pt|json)$")
+# Listing order of the names of one step: the tier files first, then these.
+_NAME_ORDER = {"best.pt": 1, "latest.pt": 2, "final.pt": 3}
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _EPOCH_RE = re.compile(r"^epoch_(\d{3,})$")
 _HASH_CHUNK = 8 << 20
 # Errors from os.link that mean "this file system does not do hard links here".
 _NO_LINK_ERRNOS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
+# Keys a resume reads from every checkpoint; a file without them (an export, a foreign file) is refused.
+RESUME_KEYS = ("model", "optimizer", "step", "config", "data_state", "meta")
+
+# Status of a checkpoint name: OK, or what is wrong with it (the lister prints these words).
+OK = "ok"
+NO_SIDECAR = "NO SIDECAR"
+BAD_SIDECAR = "BAD SIDECAR"
+CORRUPT_SIZE = "CORRUPT (size)"
+CORRUPT_SHA256 = "CORRUPT (sha256)"
+MISSING_FILE = "MISSING FILE"
+UNREADABLE = "UNREADABLE"
 
 
 class CheckpointError(RuntimeError):
@@ -87,7 +108,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class CheckpointInfo:
-    """One checkpoint in a directory, as `Checkpointer.list()` reports it."""
+    """One checkpoint name in a directory, as `Checkpointer.list()` reports it."""
 
     path: Path
     name: str  # file name, e.g. "latest.pt"
@@ -95,13 +116,19 @@ class CheckpointInfo:
     epoch: int | None
     val_loss: float | None
     size: int
-    valid: bool
-    reason: str  # "ok", or why the file is not usable
+    status: str  # OK, or a problem: NO_SIDECAR, BAD_SIDECAR, CORRUPT_SIZE, ...
+    reason: str  # "ok", or why the file is not usable, in words
+    written: float  # POSIX time of the write: the sidecar's written_at, else the file's mtime
+    written_from: str  # "sidecar" or "mtime"
     meta: dict = field(default_factory=dict)
+
+    @property
+    def valid(self) -> bool:
+        return self.status == OK
 
 
 # --------------------------------------------------------------------------------------------
-# Small file-system helpers
+# Reading sidecars and validating, with the standard library only
 
 
 def sidecar_path(path: Path) -> Path:
@@ -117,29 +144,22 @@ def _unlink(path: Path) -> bool:
         return False
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _read_sidecar(path: Path) -> tuple[dict | None, str]:
-    side = sidecar_path(path)
+def _read_sidecar(path: Path) -> tuple[dict | None, str, str]:
+    """(record, status, reason) of NAME.pt's sidecar; record is None when status is not OK."""
+    # Reasons name no file: the caller names it, and one-line summaries group names by reason.
     try:
-        text = side.read_text(encoding="utf-8")
+        text = sidecar_path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None, f"no sidecar {side.name} (its write did not finish)"
-    except OSError as err:
-        return None, f"sidecar {side.name} unreadable: {err.strerror or err}"
+        return None, NO_SIDECAR, "no sidecar (a save cut short, or a copy without its .json)"
+    except (OSError, UnicodeDecodeError) as err:
+        return None, BAD_SIDECAR, f"sidecar unreadable: {getattr(err, 'strerror', None) or err}"
     try:
         record = json.loads(text)
     except ValueError as err:
-        return None, f"sidecar {side.name} is not valid JSON ({err})"
+        return None, BAD_SIDECAR, f"sidecar is not valid JSON ({err})"
     if not isinstance(record, dict):
-        return None, f"sidecar {side.name} is not a JSON object"
-    return record, "ok"
+        return None, BAD_SIDECAR, "sidecar is not a JSON object"
+    return record, OK, "ok"
 
 
 def sha256_file(path: Path) -> str:
@@ -151,43 +171,116 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-HashCache = dict  # (st_dev, st_ino, st_size, st_mtime_ns) -> sha256; hard links are hashed once
+def _inspect(path: Path, *, full: bool, hashes: dict[tuple[int, ...], str] | None = None,
+             ) -> tuple[str, str, dict | None]:
+    """(status, reason, sidecar record or None) of one checkpoint name, without loading it.
+
+    `full=False` checks the sidecar and the size; `full=True` also the sha256 of the whole file.
+    `hashes` remembers digests by (device, inode, size, mtime): names hard-linked to one file
+    (latest.pt, step_N.pt, final.pt of one save) are read once.
+    """
+    record, status, reason = _read_sidecar(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return MISSING_FILE, "file missing", record
+    if not path.is_file():
+        return UNREADABLE, "not a regular file", record
+    if record is None:
+        return status, reason, None
+    if not isinstance(record.get("size"), int) or not isinstance(record.get("sha256"), str):
+        return BAD_SIDECAR, "sidecar lacks size or sha256", record
+    if st.st_size != record["size"]:
+        return (CORRUPT_SIZE, f"size is {st.st_size} bytes, sidecar says {record['size']} (truncated or replaced)",
+                record)
+    if not full:
+        return OK, "ok (size checked, sha256 not checked)", record
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    sha = hashes.get(key) if hashes is not None else None
+    if sha is None:
+        try:
+            sha = sha256_file(path)
+        except OSError as err:
+            return UNREADABLE, f"unreadable: {err.strerror or err}", record
+        if hashes is not None:
+            hashes[key] = sha
+    if sha != record["sha256"].lower():
+        return CORRUPT_SHA256, "sha256 does not match its sidecar (corrupt or modified)", record
+    return OK, "ok", record
 
 
-def validate_checkpoint(path: Path, *, full: bool = True, _cache: HashCache | None = None) -> tuple[bool, str]:
+def validate_checkpoint(path: Path, *, full: bool = True) -> tuple[bool, str]:
     """Check a checkpoint against its sidecar without loading it.
 
     Returns (True, "ok") or (False, reason). `full=False` checks presence and size only (fast,
     for listings); `full=True` also compares the sha256 of the whole file.
     """
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return False, "file missing"
-    if not path.is_file():
-        return False, "not a regular file"
-    record, reason = _read_sidecar(path)
-    if record is None:
-        return False, reason
-    if not isinstance(record.get("size"), int) or not isinstance(record.get("sha256"), str):
-        return False, f"sidecar {sidecar_path(path).name} lacks size or sha256"
-    if st.st_size != record["size"]:
-        return False, f"size is {st.st_size} bytes, sidecar says {record['size']} (truncated or replaced)"
-    if not full:
-        return True, "ok (size checked, sha256 not checked)"
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    sha = _cache.get(key) if _cache is not None else None
-    if sha is None:
+    status, reason, _ = _inspect(Path(path), full=full)
+    return status == OK, reason
+
+
+def _record_time(record: dict | None, path: Path) -> tuple[float, str]:
+    """When a checkpoint was written, and from what: the sidecar's written_at, else the mtime."""
+    if record and isinstance(record.get("written_at"), str):
         try:
-            sha = sha256_file(path)
-        except OSError as err:
-            return False, f"unreadable: {err.strerror or err}"
-        if _cache is not None:
-            _cache[key] = sha
-    if sha != record["sha256"]:
-        return False, "sha256 does not match its sidecar (corrupt or modified)"
-    return True, "ok"
+            return datetime.fromisoformat(record["written_at"]).timestamp(), "sidecar"
+        except ValueError:
+            pass
+    for candidate in (path, sidecar_path(path)):
+        try:
+            return candidate.stat().st_mtime, "mtime"
+        except OSError:
+            continue
+    return 0.0, "mtime"
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _checkpoint_info(path: Path, *, full: bool, hashes: dict[tuple[int, ...], str] | None) -> CheckpointInfo:
+    status, reason, record = _inspect(path, full=full, hashes=hashes)
+    record = record or {}
+    match = _NAME_RE.match(path.name)
+    step, epoch = _finite_or_none(record.get("step")), _finite_or_none(record.get("epoch"))
+    if step is None and match and match.group(2):
+        step = int(match.group(2))
+    if epoch is None and match and match.group(3):
+        epoch = int(match.group(3))
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    written, written_from = _record_time(record, path)
+    meta = record.get("meta")
+    return CheckpointInfo(
+        path=path, name=path.name, step=None if step is None else int(step),
+        epoch=None if epoch is None else int(epoch), val_loss=_finite_or_none(record.get("val_loss")), size=size,
+        status=status, reason=reason, written=written, written_from=written_from,
+        meta=meta if isinstance(meta, dict) else {},
+    )
+
+
+def _newest_first(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
+    """Most recently written first; the step, then the name, break ties (names of one save).
+
+    Write time, not step: after a resume from an earlier step, the resumed run's files are the
+    newest even where their steps are lower than the abandoned run's.
+    """
+    return sorted(infos, key=lambda i: (i.written, -1 if i.step is None else i.step, i.name), reverse=True)
+
+
+def _latest_candidates(infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+    """What `--resume latest` tries, in order: latest.pt, then every other data file, newest first."""
+    latest = [i for i in infos if i.name == "latest.pt"]
+    others = [i for i in infos if i.name != "latest.pt" and i.status != MISSING_FILE]
+    return latest + _newest_first(others)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +294,7 @@ class SnapshotBuffers:
     slower than copying into memory already touched), and device-to-host copies are fastest
     into pinned memory, so the snapshot copies into the buffers of the previous snapshot when
     the sizes match (they do: a model's tensors keep their shapes). Holds one snapshot's worth
-    of host memory between saves; `clear()` gives it back.
+    of host memory between saves, until the process ends.
     """
 
     def __init__(self) -> None:
@@ -228,10 +321,6 @@ class SnapshotBuffers:
         """The snapshot using the buffers has been written: make them available again."""
         for key, buffer in self._in_use:
             self._free.setdefault(key, []).append(buffer)
-        self._in_use = []
-
-    def clear(self) -> None:
-        self._free.clear()
         self._in_use = []
 
 
@@ -303,24 +392,13 @@ def _snapshot(obj: Any, memo: dict, buffers: SnapshotBuffers | None) -> Any:
     return copy.deepcopy(obj)
 
 
-def _optimizer_slots(optimizer: Any, group: dict) -> int:
-    """State tensors per parameter an optimizer creates at its first step."""
-    name = type(optimizer).__name__.lower()
-    if name in ("adam", "adamw", "nadam", "radam", "adamax"):
-        return 2 + (1 if group.get("amsgrad") else 0)
-    if name == "sgd":
-        return 1 if group.get("momentum", 0) else 0
-    if name in ("adagrad", "rmsprop", "adadelta"):
-        return 1 if name != "adadelta" else 2
-    return 2  # unknown optimizer: assume Adam-like, the common and larger case
-
-
 def estimate_state_bytes(*modules_or_state: Any) -> int:
     """Bytes a checkpoint of these objects will take: the tensors' storage, each counted once.
 
     Accepts nn.Module (parameters and buffers), torch.optim.Optimizer (its state; before the
-    first step, the moments it will create: 2 per parameter for Adam/AdamW), tensors and
-    containers of them. Pickle and zip overhead (a few KB) is ignored.
+    first step, what AdamW, the suite's optimizer, will create: two moments per parameter in its
+    dtype and a step counter), tensors and containers of them. Pickle and zip overhead (a few KB)
+    is ignored.
     """
     import torch
 
@@ -346,13 +424,12 @@ def estimate_state_bytes(*modules_or_state: Any) -> int:
             walk(obj.state_dict())
         elif isinstance(obj, torch.optim.Optimizer):
             for group in obj.param_groups:
-                slots = _optimizer_slots(obj, group)
                 for p in group["params"]:
                     state = obj.state.get(p)
                     if state:
                         walk(state)
-                    else:  # not stepped yet: the moments (same dtype as the parameter) + step
-                        total += slots * p.numel() * p.element_size() + (4 if slots else 0)
+                    else:  # not stepped yet: exp_avg and exp_avg_sq like the parameter, a float32 step
+                        total += 2 * p.numel() * p.element_size() + 4
         elif isinstance(obj, dict):
             for value in obj.values():
                 walk(value)
@@ -412,31 +489,6 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     return str(obj)
-
-
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _record_time(record: dict | None, path: Path) -> float:
-    """When a checkpoint was written: the sidecar's time, else the file's mtime."""
-    if record and isinstance(record.get("written_at"), str):
-        try:
-            return datetime.fromisoformat(record["written_at"]).timestamp()
-        except ValueError:
-            pass
-    for candidate in (path, sidecar_path(path)):
-        try:
-            return candidate.stat().st_mtime
-        except OSError:
-            continue
-    return 0.0
 
 
 def _find_os_error(exc: BaseException | None) -> OSError | None:
@@ -573,7 +625,6 @@ class Checkpointer:
         self._error: CheckpointError | None = None
         self._warned_no_links = False
         self._buffers = SnapshotBuffers()
-        self.last_snapshot_seconds: float | None = None  # caller-side stall of the last async save
 
     # ---- start of run -----------------------------------------------------------------------
 
@@ -629,8 +680,8 @@ class Checkpointer:
         free = shutil.disk_usage(self.directory).free
         if free < estimated_bytes:
             raise UserError(
-                f"not enough disk space for one checkpoint in {self.directory}: {_fmt_bytes(free)} free, "
-                f"one checkpoint needs about {_fmt_bytes(estimated_bytes)}; free space or pass "
+                f"not enough disk space for one checkpoint in {self.directory}: {format_bytes(free)} free, "
+                f"one checkpoint needs about {format_bytes(estimated_bytes)}; free space or pass "
                 f"--checkpoint_dir on a larger disk"
             )
         count = self.kept_set_checkpoints()
@@ -642,14 +693,14 @@ class Checkpointer:
                 "checkpoints of about %s each needs about %s more (%d distinct files at peak); saves will "
                 "fail when the disk fills (earlier checkpoints stay intact). Lower --keep_rolling/--keep_epoch "
                 "or free space",
-                self.directory, _fmt_bytes(free), max(self.keep_rolling, 0), max(self.keep_epoch, 0),
-                _fmt_bytes(estimated_bytes), _fmt_bytes(needed), count,
+                self.directory, format_bytes(free), max(self.keep_rolling, 0), max(self.keep_epoch, 0),
+                format_bytes(estimated_bytes), format_bytes(needed), count,
             )
         else:
             logger.info(
                 "checkpoint directory %s: %s free, kept set needs about %s (%d x %s)",
-                self.directory, _fmt_bytes(free), _fmt_bytes(count * estimated_bytes), count,
-                _fmt_bytes(estimated_bytes),
+                self.directory, format_bytes(free), format_bytes(count * estimated_bytes), count,
+                format_bytes(estimated_bytes),
             )
 
     # ---- saving -----------------------------------------------------------------------------
@@ -704,9 +755,7 @@ class Checkpointer:
         if synchronous:
             self._write(state, names, step, epoch, val_loss)
             return
-        started = time.perf_counter()
         snapshot = snapshot_state(state, self._buffers)
-        self.last_snapshot_seconds = time.perf_counter() - started
         self._start_background(lambda: self._write(snapshot, names, step, epoch, val_loss))
 
     def _start_background(self, job: Callable[[], None]) -> None:
@@ -741,13 +790,6 @@ class Checkpointer:
         if self._thread is None:
             self._raise_pending()
 
-    def close(self) -> None:
-        """Wait for the in-flight write, then free the snapshot memory kept for reuse."""
-        try:
-            self.wait()
-        finally:
-            self._buffers.clear()
-
     def _raise_pending(self) -> None:
         err, self._error = self._error, None  # reported once
         if err is not None:
@@ -778,7 +820,7 @@ class Checkpointer:
             logger.warning("could not rotate old checkpoints in %s: %s", self.directory, err.strerror or err)
         logger.info(
             "saved checkpoint step %d as %s (%s, %.2f s)",
-            step, ", ".join(names), _fmt_bytes(size), time.perf_counter() - started,
+            step, ", ".join(names), format_bytes(size), time.perf_counter() - started,
         )
 
     def _failure_message(self, exc: BaseException) -> str:
@@ -824,20 +866,15 @@ class Checkpointer:
         disabled and its files are left alone.
         """
         deleted = False
+        infos = self.list()
         for pattern, keep in ((_STEP_RE, self.keep_rolling), (_EPOCH_RE, self.keep_epoch)):
             if keep <= 0:
                 continue
-            stems = {p.stem for p in self._named_files() if pattern.match(p.stem)}
-            ranked = []
-            for stem in stems:
-                path = self.directory / f"{stem}.pt"
-                record, _ = _read_sidecar(path)
-                number = int(pattern.match(stem).group(1))
-                ranked.append((_record_time(record, path), number, stem))
-            ranked.sort(reverse=True)
-            for _, _, stem in ranked[keep:]:
-                if f"{stem}.pt" in just_written:
+            tier = _newest_first(i for i in infos if pattern.match(i.path.stem))
+            for info in tier[keep:]:
+                if info.name in just_written:
                     continue
+                stem = info.path.stem
                 try:
                     # Sidecar first: a half-deleted checkpoint is a data file without a sidecar,
                     # which is invalid; never a sidecar vouching for a missing file.
@@ -861,126 +898,98 @@ class Checkpointer:
         return [p for p in self._named_files() if p.suffix == ".pt" and p.is_file()]
 
     def list(self, *, full: bool = False) -> list[CheckpointInfo]:
-        """Every checkpoint name in the directory, sorted by step then name.
+        """Every checkpoint name in the directory (data file, sidecar or both), in step order.
 
-        `full=True` verifies each sha256 (reads every file); the default checks sidecar and size.
-        A sidecar without its data file is listed as invalid ("file missing").
+        The default checks each sidecar and size; `full=True` also each sha256 (reads every file,
+        hard-linked names once). A data file without a sidecar is NO_SIDECAR, a sidecar without
+        its data file MISSING_FILE.
         """
-        cache: HashCache = {}
-        infos = []
+        hashes: dict[tuple[int, ...], str] = {}
         stems = sorted({p.stem for p in self._named_files()})
-        for stem in stems:
-            path = self.directory / f"{stem}.pt"
-            record, _ = _read_sidecar(path)
-            record = record or {}
-            valid, reason = validate_checkpoint(path, full=full, _cache=cache)
-            step = record.get("step")
-            if step is None and _STEP_RE.match(stem):
-                step = int(_STEP_RE.match(stem).group(1))
-            epoch = record.get("epoch")
-            if epoch is None and _EPOCH_RE.match(stem):
-                epoch = int(_EPOCH_RE.match(stem).group(1))
-            try:
-                size = path.stat().st_size
-            except OSError:
-                size = 0
-            infos.append(
-                CheckpointInfo(
-                    path=path, name=path.name, step=step, epoch=epoch, val_loss=record.get("val_loss"),
-                    size=size, valid=valid, reason=reason, meta=record.get("meta") or {},
-                )
-            )
-        infos.sort(key=lambda i: (i.step if isinstance(i.step, int) else -1, i.name))
+        infos = [_checkpoint_info(self.directory / f"{stem}.pt", full=full, hashes=hashes) for stem in stems]
+        infos.sort(key=lambda i: (-1 if i.step is None else i.step, _NAME_ORDER.get(i.name, 0), i.name))
         return infos
 
-    def resolve(self, spec: str) -> Path | None:
-        """Turn --resume latest|best|auto|PATH into a validated checkpoint path.
+    def choose_resume(self, spec: str) -> Path | None:
+        """The checkpoint a run starts from, validated; None to start fresh. UserError otherwise.
 
-        latest: latest.pt if valid, else the newest valid checkpoint of any tier (with a
-        warning); none valid -> UserError. auto: like latest, but None (start fresh) when the
-        directory holds no checkpoint, or (with a loud warning) only invalid ones. best: best.pt
-        or UserError. Anything else is a path (relative paths are also tried inside the
-        checkpoint directory).
+        "" (no --resume): None, refused when the directory holds checkpoint data (a fresh run
+           would overwrite it).
+        latest: latest.pt if valid, else the most recently written valid checkpoint of any tier
+           (with a warning).
+        auto: like latest, but None when the directory holds no checkpoint data at all; data of
+           which none is usable (e.g. files copied without their sidecars) is refused, never
+           started over.
+        best: best.pt if valid.
+        PATH: that file (a relative path is also looked up in the directory) if it validates. A
+           file without a sidecar is accepted with a warning, being named explicitly; `load` still
+           requires it to load with weights_only and to hold RESUME_KEYS. Nothing else ever picks
+           a file without a sidecar.
+        Reads and validates only; never changes a file.
         """
-        spec = str(spec).strip()
-        if spec == "latest":
-            return self._resolve_latest(allow_fresh=False)
-        if spec == "auto":
-            return self._resolve_latest(allow_fresh=True)
+        spec = str(spec or "").strip()
         if spec == "best":
-            path = self.directory / "best.pt"
-            if not path.exists():
+            return self._choose_best()
+        if spec not in ("", "latest", "auto"):
+            return self._choose_path(spec)
+        infos = self.list()
+        if not infos:
+            if spec == "latest":
                 raise UserError(
-                    f"no best.pt in {self.directory} (it is written at the first evaluation); "
-                    f"use --resume latest or --resume PATH"
+                    f"no checkpoint to resume in {self.directory} (no latest.pt or other .pt checkpoint); "
+                    "check --checkpoint_dir, or drop --resume to start fresh (--resume auto does that by itself)"
                 )
-            valid, reason = validate_checkpoint(path, full=True)
-            if not valid:
-                raise UserError(f"{path} is not usable: {reason}; use --resume latest or --resume PATH")
-            return path
-        return self._resolve_path(spec)
-
-    def _resolve_latest(self, *, allow_fresh: bool) -> Path | None:
-        found = self._data_files()
-        if not found:
-            sidecars = [p for p in self._named_files() if p.suffix == ".json"]
-            if allow_fresh:
-                logger.info(
-                    "--resume auto: no checkpoint in %s, starting fresh%s", self.directory,
-                    f" ({len(sidecars)} sidecar(s) without data ignored)" if sidecars else "",
-                )
-                return None
-            raise UserError(
-                f"no checkpoint to resume in {self.directory} (no latest.pt or other .pt checkpoint); "
-                f"check --checkpoint_dir, or drop --resume to start fresh (--resume auto does that by itself)"
-            )
-        cache: HashCache = {}
-        latest = self.directory / "latest.pt"
-        valid, why = validate_checkpoint(latest, full=True, _cache=cache)
-        if valid:
-            return latest
-        why = "it does not exist" if why == "file missing" else why
-        rejected = [f"latest.pt: {why}"]
-        for path in self._newest_first([p for p in found if p.name != "latest.pt"]):
-            ok, reason = validate_checkpoint(path, full=True, _cache=cache)
-            if ok:
-                record, _ = _read_sidecar(path)
-                logger.warning(
-                    "latest.pt in %s is not usable (%s); resuming from %s (step %s), the newest valid checkpoint",
-                    self.directory, why, path.name, (record or {}).get("step"),
-                )
-                return path
-            rejected.append(f"{path.name}: {reason}")
-        summary = "; ".join(rejected[:4]) + (f"; and {len(rejected) - 4} more" if len(rejected) > 4 else "")
-        if allow_fresh:
-            logger.warning(
-                "--resume auto: %d checkpoint file(s) in %s but NONE is valid (%s); STARTING FRESH. "
-                "New saves will replace files of the same names; stop now and move the directory aside "
-                "to keep them",
-                len(found), self.directory, summary,
-            )
+            if spec == "auto":
+                logger.info("--resume auto: no checkpoint in %s, starting fresh", self.directory)
             return None
+        if not spec:
+            raise UserError(
+                f"{self.directory} already holds checkpoints; continue that run with --resume latest "
+                "(or --resume auto), or start fresh with another --checkpoint_dir"
+            )
+        return self._choose_latest(infos, spec)
+
+    def resolve(self, spec: str) -> Path | None:
+        """`choose_resume`, under the name the trainer calls until its resolve_run() calls choose_resume."""
+        return self.choose_resume(spec)
+
+    def _choose_latest(self, infos: list[CheckpointInfo], spec: str) -> Path:
+        problems = {i.name: i.reason for i in infos if not i.valid}  # name -> why it is not usable
+        hashes: dict[tuple[int, ...], str] = {}
+        for info in _latest_candidates(infos):
+            if not info.valid:
+                continue
+            status, reason, _ = _inspect(info.path, full=True, hashes=hashes)  # the listing checked sizes
+            if status != OK:
+                problems[info.name] = reason
+                continue
+            if info.name != "latest.pt":
+                logger.warning(
+                    "latest.pt in %s is not usable (%s); resuming from %s (step %s), the most recently "
+                    "written valid checkpoint", self.directory, problems.get("latest.pt", "file missing"),
+                    info.name, info.step,
+                )
+            return info.path
+        refusal = "--resume auto does not start fresh over them: " if spec == "auto" else ""
         raise UserError(
-            f"no valid checkpoint in {self.directory} ({summary}); to start fresh, move the directory "
-            f"aside or pass another --checkpoint_dir and drop --resume"
+            f"no valid checkpoint in {self.directory} ({_problems(problems)}); {refusal}restore their .json "
+            "sidecars, or name one with --resume PATH (loaded unverified), or move them aside (or pass "
+            "another --checkpoint_dir) to start fresh"
         )
 
-    def _newest_first(self, paths: list[Path]) -> list[Path]:
-        def key(path: Path) -> tuple[int, float]:
-            record, _ = _read_sidecar(path)
-            step = (record or {}).get("step")
-            if not isinstance(step, int):
-                match = _STEP_RE.match(path.stem)
-                step = int(match.group(1)) if match else -1
-            try:
-                mtime = path.stat().st_mtime
-            except OSError:
-                mtime = 0.0
-            return step, mtime
+    def _choose_best(self) -> Path:
+        path = self.directory / "best.pt"
+        status, reason, _ = _inspect(path, full=True)
+        if status == MISSING_FILE:
+            raise UserError(
+                f"no best.pt in {self.directory} (it is written at the first evaluation); "
+                "use --resume latest or --resume PATH"
+            )
+        if status != OK:
+            raise UserError(f"{path} is not usable: {reason}; use --resume latest or --resume PATH")
+        return path
 
-        return sorted(paths, key=key, reverse=True)
-
-    def _resolve_path(self, spec: str) -> Path:
+    def _choose_path(self, spec: str) -> Path:
         path = Path(spec).expanduser()
         if not path.exists() and not path.is_absolute() and (self.directory / path).exists():
             path = self.directory / path
@@ -990,55 +999,150 @@ class Checkpointer:
             raise UserError(
                 f"{spec} is a directory; pass a checkpoint file, or --checkpoint_dir {spec} --resume latest"
             )
-        valid, reason = validate_checkpoint(path, full=True)
-        if not valid:
+        status, reason, _ = _inspect(path, full=True)
+        if status == NO_SIDECAR:
+            logger.warning(
+                "%s has no sidecar %s: its integrity cannot be verified (no size or sha256 to compare); "
+                "loading it because --resume names it", path, sidecar_path(path).name,
+            )
+        elif status != OK:
             raise UserError(
                 f"checkpoint {path} is not usable: {reason}; pick another file (make checkpoints lists them) "
-                f"or use --resume latest"
+                "or use --resume latest"
             )
         return path
 
     def load(self, path: Path) -> dict:
-        """torch.load(path, map_location="cpu", weights_only=True); UserError if that fails."""
+        """torch.load(path, map_location="cpu", weights_only=True) of a checkpoint to resume.
+
+        UserError when that fails, or when the result lacks a key a resume reads (RESUME_KEYS):
+        an exported weights-only file or a foreign file is refused in one line.
+        """
         import torch
 
         try:
-            return torch.load(Path(path), map_location="cpu", weights_only=True)
+            state = torch.load(Path(path), map_location="cpu", weights_only=True)
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot load checkpoint {path}: {first}") from err
+        missing = [key for key in RESUME_KEYS if key not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+        if missing:
+            raise UserError(
+                f"cannot resume from {path}: it has no {', '.join(missing)} (not a checkpoint the trainer saved; "
+                "an exported file holds weights only)"
+            )
+        return state
+
+
+def _problems(problems: dict[str, str]) -> str:
+    """{name: reason} on one line, names grouped by reason."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in problems.items():
+        by_reason.setdefault(reason, []).append(name)
+    parts = []
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        parts.append(f"{shown}: {reason}")
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
-# `python -m common.checkpoint [DIR]`: list checkpoints without importing torch
+# `python -m common.checkpoint [DIR] [--verify] [--json]`: the listing, standard library only
+
+
+def _written_text(info: CheckpointInfo) -> str:
+    local = datetime.fromtimestamp(info.written).strftime("%Y-%m-%d %H:%M:%S")
+    return local if info.written_from == "sidecar" else f"{local} (mtime)"
+
+
+def _disk_use(directory: Path) -> int:
+    """Bytes allocated under `directory`, as du counts them: each hard-linked file once."""
+    seen: set[tuple[int, int]] = set()
+    used = 0
+    for root, dirs, files in os.walk(directory):
+        entries = [os.curdir, *dirs, *files] if Path(root) == directory else [*dirs, *files]
+        for entry in entries:
+            st = os.lstat(os.path.join(root, entry))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                used += getattr(st, "st_blocks", 0) * 512 or st.st_size
+    return used
+
+
+def _listing(directory: Path, infos: list[CheckpointInfo], *, verified: bool) -> list[str]:
+    """The lister's lines: a table of every name, then disk use, temporary files and problems.
+
+    "<- latest" marks the file `--resume latest` would take and "<- best" the one `--resume best`
+    would, as far as this listing checked them (sizes, or sha256 with --verify).
+    """
+    lines = [f"Checkpoints in {directory.resolve()}" + ("  (sha256 verified)" if verified else "")]
+    if not infos:
+        lines.append("  none yet")
+    notes: dict[str, list[str]] = {i.name: [] for i in infos}
+    latest = next((i for i in _latest_candidates(infos) if i.valid), None)
+    if latest is not None:
+        notes[latest.name].append("<- latest")
+    if any(i.name == "best.pt" and i.valid for i in infos):
+        notes["best.pt"].append("<- best")
+    by_file: dict[tuple[int, int], list[str]] = {}
+    for info in infos:
+        with contextlib.suppress(OSError):
+            st = info.path.stat()
+            by_file.setdefault((st.st_dev, st.st_ino), []).append(info.name)
+    for names in by_file.values():
+        for name in names:
+            if len(names) > 1:
+                notes[name].append("same file as " + ", ".join(n for n in names if n != name))
+
+    table = [("NAME", "STEP", "EPOCH", "VAL_LOSS", "WRITTEN", "SIZE", "STATUS", "NOTE")]
+    for info in infos:
+        status = ("ok (sha256)" if verified else "ok") if info.valid else info.status
+        table.append((
+            info.name, "-" if info.step is None else str(info.step), "-" if info.epoch is None else str(info.epoch),
+            "-" if info.val_loss is None else f"{info.val_loss:.4f}", _written_text(info),
+            "-" if info.status == MISSING_FILE else format_bytes(info.size), status, "  ".join(notes[info.name]),
+        ))
+    if infos:
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        right_aligned = {1, 2, 3, 5}
+        for row in table:
+            cells = [c.rjust(w) if i in right_aligned else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            lines.append("  " + "  ".join(cells).rstrip())
+
+    lines.append(f"Total disk use: {format_bytes(_disk_use(directory))} (like du: hard-linked files counted once)")
+    temporary = sorted(p.name for p in directory.iterdir() if p.name.startswith(TMP_PREFIX))
+    if temporary:
+        lines.append(f"Temporary files of an interrupted or running save: {', '.join(temporary)}")
+    problems = [i for i in infos if not i.valid]
+    if problems:
+        lines.append(f"{len(problems)} problem(s):")
+        lines.extend(f"  {i.name}: {i.reason}" for i in problems)
+        if not verified:
+            lines.append("Sizes were checked; run with --verify to also compare sha256 (reads every file).")
+    return lines
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="List checkpoints with step, val loss and validity.")
-    parser.add_argument("directory", nargs="?", default="checkpoints")
-    parser.add_argument("--full", action="store_true", help="verify every sha256 (reads every file)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    """List a checkpoint directory; exit status 1 when a name is not usable, 2 for a bad directory."""
+    parser = argparse.ArgumentParser(
+        prog="python -m common.checkpoint",
+        description="List checkpoints with step, epoch, val loss, write time, size and validity, from their "
+                    "sidecars (no torch).",
+    )
+    parser.add_argument("directory", nargs="?", default="checkpoints", type=Path)
+    parser.add_argument("--verify", action="store_true", help="also compare every sha256 (reads every file)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per checkpoint name")
     args = parser.parse_args(argv)
-    infos = Checkpointer(args.directory, enabled=False).list(full=args.full)
+    if not args.directory.is_dir():
+        raise UserError(f"no checkpoint directory {args.directory} (train first, or pass the run's --checkpoint_dir)")
+    infos = Checkpointer(args.directory, enabled=False).list(full=args.verify)
     if args.json:
         for info in infos:
-            print(json.dumps(dict(asdict(info), path=str(info.path)), default=str))
-        return 0
-    if not infos:
-        print(f"no checkpoints in {args.directory}")
-        return 0
-    print(f"{'name':<22} {'step':>9} {'epoch':>5} {'val_loss':>9} {'size':>10}  status")
-    for info in infos:
-        val = f"{info.val_loss:.4f}" if isinstance(info.val_loss, (int, float)) else "-"
-        status = "valid" if info.valid else f"INVALID: {info.reason}"
-        if info.valid and not args.full:
-            status = "valid (size)"
-        print(
-            f"{info.name:<22} {info.step if info.step is not None else '-':>9} "
-            f"{info.epoch if info.epoch is not None else '-':>5} {val:>9} {_fmt_bytes(info.size):>10}  {status}"
-        )
-    return 0
+            print(json.dumps(dict(asdict(info), path=str(info.path), valid=info.valid)))
+    else:
+        print("\n".join(_listing(args.directory, infos, verified=args.verify)))
+    return 0 if all(i.valid for i in infos) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    run_cli(_main)

@@ -3,7 +3,8 @@
 `atomic_write` is the one implementation of "temporary file in the same directory, write, flush,
 fsync, `os.replace` over the name, fsync the directory": a reader (or a process started after a
 crash) sees either the old file or the complete new one, never a partial write. `fsync_dir` makes
-renames and unlinks durable. Nothing here imports torch or numpy.
+renames and unlinks durable. `format_bytes` is the one way sizes are shown (IEC binary units).
+Nothing here imports torch or numpy.
 """
 from __future__ import annotations
 
@@ -14,11 +15,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text", "format_bytes"]
 
 # fsync() of a directory fails with these where the platform or file system does not support it
 # (some network and FUSE file systems, Windows-like layers); the rename is as durable as it gets.
 _DIR_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+_IEC_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_bytes(n: float) -> str:
+    """A size in IEC binary units, as `ls -lh` and `du -h` count: 512 -> "512 B",
+    91_331_648 -> "87.1 MiB". Every size the suite prints goes through here, so a file is the same
+    size in the trainer's log, the checkpoint listing and the disk check."""
+    value = float(n)
+    for unit in _IEC_UNITS:
+        if round(abs(value), 1) < 1024 or unit == _IEC_UNITS[-1]:  # never "1024.0 KiB"
+            break
+        value /= 1024
+    return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def fsync_dir(directory: Path) -> None:
