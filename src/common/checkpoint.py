@@ -67,7 +67,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError, run_cli
+from .errors import RunFailed, UserError, run_cli
 from .fsutil import atomic_write_bytes, format_bytes, fsync_dir
 
 if TYPE_CHECKING:  # torch is imported lazily so listing and validation stay fast
@@ -102,7 +102,7 @@ MISSING_FILE = "MISSING FILE"
 UNREADABLE = "UNREADABLE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunFailed):
     """A checkpoint write failed (disk full, I/O error, ...): the run must stop clearly."""
 
 
@@ -949,10 +949,6 @@ class Checkpointer:
             )
         return self._choose_latest(infos, spec)
 
-    def resolve(self, spec: str) -> Path | None:
-        """`choose_resume`, under the name the trainer calls until its resolve_run() calls choose_resume."""
-        return self.choose_resume(spec)
-
     def _choose_latest(self, infos: list[CheckpointInfo], spec: str) -> Path:
         problems = {i.name: i.reason for i in infos if not i.valid}  # name -> why it is not usable
         hashes: dict[tuple[int, ...], str] = {}
@@ -1021,7 +1017,8 @@ class Checkpointer:
         import torch
 
         try:
-            state = torch.load(Path(path), map_location="cpu", weights_only=True)
+            # mmap: the ranks of a node share one copy of the file in the page cache.
+            state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot load checkpoint {path}: {first}") from err

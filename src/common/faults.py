@@ -248,12 +248,13 @@ class Heartbeat:
         self._last = (-math.inf, "")
         self._host = socket.gethostname()
 
-    def beat(self, step: int, phase: str = "train") -> None:
+    def beat(self, step: int, phase: str = "train", reason: str | None = None) -> None:
         now = time.time()
         if phase == self._last[1] and now - self._last[0] < self.interval_s:
             return
         self._last = (now, phase)
-        entry = {"step": step, "phase": phase, "time": now, "pid": os.getpid(), "host": self._host}
+        entry = {"step": step, "phase": phase, "time": now, "pid": os.getpid(), "host": self._host,
+                 **({"reason": reason} if reason else {})}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.lock, "a") as lock:

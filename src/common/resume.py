@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from common.checkpoint import Checkpointer
+from common.checkpoint import Checkpointer, validate_checkpoint
 from common.config import C, config_to_dict, from_dict
 from common.dist import DistContext, rank0_decides
 from common.errors import UserError
@@ -36,6 +36,7 @@ class RunPlan:
     cfg: Any  # TrainConfig or a subclass: the config the run continues with
     checkpoint: dict[str, Any] | None  # the loaded checkpoint to resume, None for a fresh run
     path: Path | None  # where it came from
+    verified: bool = False  # its sha256 matched its sidecar: state the suite wrote itself
 
 
 def restart_count() -> int:
@@ -47,7 +48,7 @@ def resolve_run(cfg: C, explicit: set[str], ctx: DistContext) -> RunPlan:
     restarts = restart_count()
     spec = cfg.resume or ("auto" if restarts else "")
     checkpointer = Checkpointer(cfg.checkpoint_dir, enabled=False)
-    chosen = rank0_decides(lambda: _choose(checkpointer, spec), ctx)
+    chosen, verified = rank0_decides(lambda: _choose(checkpointer, spec), ctx)
     path = Path(chosen) if chosen is not None else None
     if restarts:
         log.warning("elastic restart %d (torchrun --max-restarts): %s", restarts,
@@ -61,18 +62,16 @@ def resolve_run(cfg: C, explicit: set[str], ctx: DistContext) -> RunPlan:
     merged, changes = resume_config(checkpoint["config"], cfg, explicit)
     for key, (old, new) in changes.items():
         log.info("resume: %s changed from %r to %r", key, old, new)
-    return RunPlan(merged, checkpoint, path)
+    return RunPlan(merged, checkpoint, path, verified)
 
 
-def _choose(checkpointer: Checkpointer, spec: str) -> str | None:
-    if spec:
-        path = checkpointer.resolve(spec)
-        return str(path) if path is not None else None
-    if checkpointer.list():
-        # A fresh run would overwrite latest.pt of the run already there: refuse instead.
-        raise UserError(f"{checkpointer.directory} already holds checkpoints; continue that run with "
-                        "--resume latest (or --resume auto), or start fresh with another --checkpoint_dir")
-    return None
+def _choose(checkpointer: Checkpointer, spec: str) -> tuple[str | None, bool]:
+    """The checkpoint to resume (None: start fresh), and whether its sha256 was verified against its
+    sidecar (an explicit --resume PATH without one is loaded unverified)."""
+    path = checkpointer.choose_resume(spec)
+    if path is None:
+        return None, False
+    return str(path), validate_checkpoint(path, full=False)[0]  # choose_resume hashed it if it has a sidecar
 
 
 def resume_config(saved: dict[str, Any], cfg: C, explicit: set[str]) -> tuple[C, dict[str, tuple[Any, Any]]]:

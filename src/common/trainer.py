@@ -667,6 +667,10 @@ def train(cfg: TrainConfig, make_spec: Callable[[Any, DistContext], ModelSpec],
         log_to_file(Path(plan.cfg.log_dir))  # a resumed run logs where it did before
         trainer = Trainer(plan, ctx, make_spec)
         return trainer.run()
+    except RunFailed as err:
+        if trainer is not None:  # monitors (and tests) see on every rank why it ended
+            trainer.heartbeat.beat(trainer.step, "failed", reason=str(err))
+        raise
     finally:
         if trainer is not None:
             trainer.close()
