@@ -129,9 +129,19 @@ class FP8TrainConfig(TrainConfig):
     require_fp8: bool = False  # refuse to fall back to bf16
 
     def validate(self) -> None:
+        """The FP8 flags, refused on every machine (before any fallback to the ordinary model)."""
         super().validate()
+        if self.fp8_format == "e5m2":
+            raise UserError("--fp8_format e5m2 is not accepted: TransformerEngine refuses pure E5M2 training "
+                            "(too few mantissa bits for weights and activations); use --fp8_format hybrid "
+                            "(E4M3 forward, E5M2 gradients) or --fp8_format e4m3")
         if self.fp8_amax_history_len <= 0:
             raise UserError(f"--fp8_amax_history_len must be positive, got {self.fp8_amax_history_len}")
+        if self.fp8_margin < 0:
+            raise UserError(f"--fp8_margin must be >= 0, got {self.fp8_margin}")
+        if self.require_fp8 and not self.use_fp8:
+            raise UserError("--require_fp8 needs --use_fp8 (without it FP8 is off); add --use_fp8 or drop "
+                            "--require_fp8")
 
 
 C = TypeVar("C", bound=TrainConfig)
