@@ -4,7 +4,7 @@ and the checkpoint export.
 TransformerEngine cannot be installed here (no GPU). Every test that needs TE uses ``FakeTE``, a
 stand-in built to behave as TE's source does at the release tags named in common/fp8.py: the
 API names before and from 2.9, ``Linear.forward``'s weight cache under ``is_first_microbatch``,
-and ``set_extra_state``'s refusal of pickled delayed-scaling state from 2.16.1/2.17.1/2.18 on.
+and ``set_extra_state``'s refusal of pickled delayed-scaling state in 2.16.1, 2.17.1 and >= 2.18.
 They check what the adapter asks of TE, not TE; docs/FP8_TRAINING_GUIDE.md lists the commands
 that confirm the same on a GPU.
 """
@@ -112,7 +112,7 @@ class FakeTE:
       ``fp8_autocast(enabled, calibrating, fp8_recipe, fp8_group)`` and
       ``fp8.check_fp8_support()``. ``Float8CurrentScaling`` from 2.2.
     * ``Linear`` (see ``make_linear_class``): the weight workspace cache of module/linear.py.
-    * ``set_extra_state``: from 2.16.1 a non-empty pickled state raises unless
+    * ``set_extra_state``: in 2.16.1, 2.17.1 and >= 2.18 a non-empty pickled state raises unless
       NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE is "1" when it is called (_extra_state.py).
     """
 
@@ -564,7 +564,7 @@ def no_unsafe_pickle_env(monkeypatch):
 
 
 def test_te_2_18_refuses_the_delayed_scaling_state_of_a_plain_load(no_unsafe_pickle_env):
-    """What the trainer did before (align, then load_state_dict) against TE >= 2.16.1's refusal."""
+    """What the trainer did before (align, then load_state_dict) against the refusal of TE 2.16.1, 2.17.1, >= 2.18."""
     te = FakeTE("2.18.0")
     state = delayed_scaling_checkpoint(te)
     model, _ = fp8_gpt(te)
@@ -603,7 +603,7 @@ def test_the_variable_is_restored_when_the_load_fails(no_unsafe_pickle_env):
 @pytest.mark.parametrize("version", ["2.15.0", "2.18.0"])
 def test_an_unverified_file_loads_its_weights_and_drops_the_scaling_state_unread(
         no_unsafe_pickle_env, caplog, version):
-    """Never handed to TE, whichever TE: before 2.16.1 TE would unpickle it unasked."""
+    """Never handed to TE, whichever TE: TE 2.16.0, 2.17.0 and older would unpickle it unasked."""
     te = FakeTE(version)
     state = delayed_scaling_checkpoint(te)
     model, _ = fp8_gpt(te)
@@ -614,7 +614,7 @@ def test_an_unverified_file_loads_its_weights_and_drops_the_scaling_state_unread
 
 
 def test_states_without_scaling_state_load_without_the_variable(no_unsafe_pickle_env, caplog):
-    """Current scaling (stateless from 2.16.1: an empty _extra_state) and checkpoints of the
+    """Current scaling (stateless in 2.16.1, 2.17.1, >= 2.18: an empty _extra_state) and checkpoints of the
     ordinary model need no unpickling: nothing is set, nothing is warned about."""
     te = FakeTE()
     model, _ = fp8_gpt(te)

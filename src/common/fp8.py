@@ -8,8 +8,9 @@ TE call goes through the ``TEInfo`` it returns. Flag validation lives in
 
 Supported: TE 2.x, read in TE's sources at the release tags named below (no GPU here, so the TE
 calls are tested against stand-ins built to behave as those sources do; docs/FP8_TRAINING_GUIDE.md
-lists the commands that confirm them on a GPU). TE 1.x is refused: it lacks the 2.x recipes and
-no supported PyTorch pairs with it.
+lists the commands that confirm them on a GPU). TE 1.x (last release 1.13, December 2024) is
+refused with a reason: it predates the recipes and API names used here, and no user of this
+suite is known to need it.
 
 * FP8 region: ``transformer_engine.pytorch.autocast(enabled, calibrating, recipe,
   amax_reduction_group)`` from v2.9 (transformer_engine/pytorch/quantization.py), where
@@ -27,7 +28,7 @@ no supported PyTorch pairs with it.
   decorator wraps it in ``torch._dynamo.disable``), so a compiled model of TE linears breaks its
   graph at every linear: a TE model is never compiled here.
 * Extra state: each TE module stores its FP8 scaling state as ``<prefix>._extra_state``, a uint8
-  tensor holding a pickle. From v2.16.1, v2.17.1 and v2.18 on (TE pull request 3123,
+  tensor holding a pickle. In v2.16.1, v2.17.1 and from v2.18 on (TE pull request 3123, not in 2.17.0;
   transformer_engine/pytorch/_extra_state.py and module/base.py's ``set_extra_state``),
   loading a pickle that holds delayed-scaling data raises RuntimeError unless the environment
   variable ``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1`` is set at the moment of the load; empty
@@ -68,7 +69,7 @@ _DELAYED_ONLY_FLAGS = ("fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_mar
 _FP8_SHAPE_NOTE = "which FP8 matrix products need"
 
 EXTRA_STATE_SUFFIX = "_extra_state"  # torch.nn.Module's state-dict key for get_extra_state()
-UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"  # TE >= 2.16.1: see load_model_state
+UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"  # TE 2.16.1, 2.17.1, >= 2.18: see load_model_state
 
 COMPILE_OFF_REASON = ("torch.compile off for the FP8 model: TransformerEngine's Linear.forward is excluded from "
                       "TorchDynamo (@no_torch_dynamo), so compiling would break the graph at every linear layer")
@@ -457,7 +458,7 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, Any], trus
 
     TE's FP8 scaling state is a pickle, and unpickling can run code. ``trusted``: the file is one
     the suite wrote itself, its sha256 verified against its sidecar; TE may then unpickle it, so
-    delayed scaling continues with its amax history (TE >= 2.16.1 refuses that without
+    delayed scaling continues with its amax history (TE 2.16.1, 2.17.1 and >= 2.18 refuse that without
     NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1, set here for this load only). Otherwise (a file
     without a verified sidecar, a foreign file) every non-empty scaling state is dropped with a
     warning before TE sees it, on any TE version: the weights load, scaling starts afresh.
