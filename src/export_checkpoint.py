@@ -25,7 +25,7 @@ import torch
 from common.checkpoint import sha256_file as sha256_of
 from common.checkpoint import write_checkpoint
 from common.errors import UserError, run_cli
-from common.fp8 import export_plain_state_dict
+from common.fp8 import is_extra_state_key
 
 log = logging.getLogger("export_checkpoint")
 
@@ -33,6 +33,7 @@ PLAIN_CHECKPOINT_DIR = "./checkpoints"
 FP8_CHECKPOINT_DIR = "./checkpoints_fp8"
 _FP8_CONFIG_KEYS = ("use_fp8", "require_fp8")
 _CARRIED_OVER = ("step", "epoch", "val_loss", "best_val_loss")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile: always leading
 NO_OPTIMIZER_NOTE = "weights only: no optimizer state; training from this file starts a fresh optimizer"
 
 
@@ -58,10 +59,7 @@ def _safe_globals() -> ContextManager:
 def _load_error(path: Path, err: Exception) -> UserError:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     detail = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(err).__name__)
-    hint = ""
-    if "BytesIO" in detail:
-        hint = " (TransformerEngine before 1.x stored its FP8 state as io.BytesIO, which cannot be read safely)"
-    return UserError(f"{path}: not a loadable checkpoint: {detail}{hint}")
+    return UserError(f"{path}: not a loadable checkpoint: {detail}")
 
 
 def load_source(path: Path) -> dict[str, Any]:
@@ -97,6 +95,47 @@ def plain_values(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(plain_values(v) for v in obj)
     return obj
+
+
+def _unwrapped_key(key: str) -> str:
+    """The key without the leading segments DDP and torch.compile add when a wrapped model's
+    state dict is saved (the trainer saves the unwrapped model's, so its keys have none)."""
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Identity of a tensor's data: two state-dict entries of one tied parameter share it."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()), tensor.dtype, tensor.device.type)
+
+
+def export_plain_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """An FP8/TE-trained model's state dict in the plain GPT's format.
+
+    Drops ``*._extra_state`` (TE's FP8 scaling state: the plain model has none), strips leading
+    ``module.`` / ``_orig_mod.`` segments and casts floating tensors to float32. TE Linear weights
+    are (out_features, in_features) like nn.Linear, and TE 2.x keeps no state-dict entry for the
+    bias of a bias-free layer, so the rest loads as it is. Tensors shared in the input (the tied
+    embedding and output head) stay shared.
+    """
+    out: dict[str, torch.Tensor] = {}
+    converted: dict[tuple[Any, ...], torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if is_extra_state_key(key):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        name = _unwrapped_key(key)
+        if name in out:
+            raise ValueError(f"state dict keys {key!r} and another both map to {name!r}")
+        ident = _storage_key(value)
+        if ident not in converted:
+            tensor = value.detach().to("cpu")
+            converted[ident] = tensor.float() if tensor.is_floating_point() else tensor
+        out[name] = converted[ident]
+    return out
 
 
 def build_export(ckpt: dict[str, Any], source: Path, source_sha256: str) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """FP8 GPT trainer: the block linears as TransformerEngine modules under FP8 autocast on
-Hopper/Blackwell; a loud fallback to the ordinary model in bf16 (fp32 on CPU) elsewhere.
+Hopper/Blackwell/Ada; elsewhere, and without --use_fp8, the ordinary model as train_improved.py
+trains it (bf16 on GPU, fp32 on CPU, compiled per --compile), with a loud warning when FP8 was
+asked for.
 
 A separate script so the stable one can never break; the loop, checkpoints, logging and resume
 are the shared ones (common/trainer.py). Checkpoints go to ./checkpoints_fp8 by default.
@@ -8,6 +10,7 @@ are the shared ones (common/trainer.py). Checkpoints go to ./checkpoints_fp8 by 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -17,40 +20,34 @@ from common.config import FP8TrainConfig, handle_config_actions, parse_args
 from common.dist import DistContext
 from common.errors import run_cli
 from common.fp8 import (
-    align_extra_state,
+    COMPILE_OFF_REASON,
+    FP8Forward,
     amax_reduction_group,
     build_recipe,
     check_fp8_shapes,
-    compile_allowed,
-    fp8_autocast,
-    load_te,
+    load_model_state,
     plan_precision,
-    te_linear_factory,
 )
 from common.model import GPT, GPTConfig
-from common.trainer import ModelSpec, resolve_autocast_dtype, train
+from common.trainer import ModelSpec, plain_model_spec, train
 
 log = logging.getLogger("train_fp8")
 
 
 def fp8_model_spec(cfg: FP8TrainConfig, ctx: DistContext) -> ModelSpec:
-    te = load_te()
-    plan = plan_precision(cfg, ctx.device, te)  # exits 2 here under --require_fp8 without FP8
+    plain = plain_model_spec(cfg, ctx)
+    plan = plan_precision(cfg, ctx.device, plain.precision)  # exits 2 here under --require_fp8 without FP8
     (log.warning if plan.fallback else log.info)("precision: %s", plan.reason)
-    autocast_dtype = resolve_autocast_dtype(cfg, ctx.device)
-    if not plan.use_te:
-        return ModelSpec(build=GPT, precision=plan.precision, autocast_dtype=autocast_dtype, meta=plan.to_meta(),
-                         adapt_state_dict=align_extra_state)
+    if not plan.use_fp8:
+        # A checkpoint of an FP8 run resumes here too: its TE scaling state is dropped.
+        return dataclasses.replace(plain, meta=plan.to_meta(), load_state=load_model_state)
 
-    if plan.use_fp8:
-        check_fp8_shapes(cfg)
-    recipe = build_recipe(cfg, te) if plan.use_fp8 else None
-    group = amax_reduction_group()
-    # fp32 master weights; TE takes the activation dtype (bf16) from torch.autocast.
-    linear = te_linear_factory(te, torch.float32, device=ctx.device)
-    compile_ok, why = compile_allowed(cfg, te, plan)
-    if cfg.compile is not False and not compile_ok:
-        log.info(why)
+    assert plan.te is not None
+    check_fp8_shapes(cfg)
+    fp8 = FP8Forward(plan.te, build_recipe(cfg, plan.te), amax_reduction_group())
+    linear = fp8.linear_factory(ctx.device)
+    if cfg.compile is not False:
+        log.info(COMPILE_OFF_REASON)
 
     def build(model_cfg: GPTConfig) -> torch.nn.Module:
         return GPT(model_cfg, linear_factory=linear)
@@ -58,12 +55,11 @@ def fp8_model_spec(cfg: FP8TrainConfig, ctx: DistContext) -> ModelSpec:
     return ModelSpec(
         build=build,
         precision=plan.precision,
-        autocast_dtype=torch.bfloat16,
-        # Only the forward runs inside TE's autocast; the backward runs outside it.
-        forward_context=lambda: fp8_autocast(te, enabled=plan.use_fp8, recipe=recipe, group=group),
-        allow_compile=compile_ok,
+        autocast_dtype=torch.bfloat16,  # TE takes its activation dtype from torch.autocast
+        forward_context=fp8.forward_context,  # only the forward runs inside TE's autocast
+        allow_compile=False,
         meta=plan.to_meta(),
-        adapt_state_dict=align_extra_state,  # a checkpoint of the fallback model resumes here too
+        load_state=load_model_state,  # a checkpoint of the fallback model resumes here too
     )
 
 

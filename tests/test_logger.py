@@ -249,6 +249,16 @@ def test_histograms_unwrap_ddp_and_compiled_model_and_skip_non_finite(tmp_path: 
     assert read_jsonl(tmp_path / "logs" / "metrics.jsonl") == [{"step": 3, "loss": 2.5, "tokens": 7}]
 
 
+def test_histogram_names_containing_a_wrapper_name_are_kept(tmp_path: Path) -> None:
+    """The wrappers are unwrapped as objects, so a parameter whose own name contains "module."
+    or "_orig_mod." keeps it (a string replace once turned "submodule.weight" into "subweight")."""
+    model = torch.nn.ModuleDict({"submodule": torch.nn.Linear(2, 2), "my_orig_mod": torch.nn.Linear(2, 2)})
+    with RunLogger(tmp_path / "logs", enabled=True, use_tensorboard=True) as run:
+        run.log_histograms(1, CompiledLike(model))
+    hists = set(read_events(tmp_path / "logs" / "tensorboard").Tags()["histograms"])
+    assert {"params/submodule.weight", "params/my_orig_mod.bias"} <= hists
+
+
 # --------------------------------------------------------------------------- wandb
 
 

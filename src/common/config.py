@@ -145,12 +145,24 @@ def _describe(limits: Mapping[str, Any]) -> str:
 class FP8TrainConfig(TrainConfig):
     checkpoint_dir: str = "./checkpoints_fp8"
     use_fp8: bool = False
-    fp8_format: str = _field("hybrid", choices=("hybrid", "e4m3", "e5m2"))  # hybrid: E4M3 forward, E5M2 gradients
+    # hybrid: E4M3 forward, E5M2 gradients (e5m2 is a choice only to be refused with its reason)
+    fp8_format: str = _field("hybrid", choices=("hybrid", "e4m3", "e5m2"))
     fp8_recipe: str = _field("delayed", choices=("delayed", "current"))  # delayed | current scaling
     fp8_amax_history_len: int = _field(1024, ge=1)
     fp8_amax_compute_algo: str = _field("max", choices=("max", "most_recent"))
     fp8_margin: int = _field(0, ge=0)
     require_fp8: bool = False  # refuse to fall back to bf16
+
+    def validate(self) -> None:
+        """The FP8 flags, refused on every machine (before any fallback to the ordinary model)."""
+        super().validate()
+        if self.fp8_format == "e5m2":
+            raise UserError("--fp8_format e5m2 is not accepted: TransformerEngine refuses pure E5M2 training "
+                            "(too few mantissa bits for weights and activations); use --fp8_format hybrid "
+                            "(E4M3 forward, E5M2 gradients) or --fp8_format e4m3")
+        if self.require_fp8 and not self.use_fp8:
+            raise UserError("--require_fp8 needs --use_fp8 (without it FP8 is off); add --use_fp8 or drop "
+                            "--require_fp8")
 
 
 C = TypeVar("C", bound=TrainConfig)

@@ -262,7 +262,9 @@ def flatten_hparams(hparams: dict[str, Any]) -> dict[str, bool | int | float | s
 
 
 def unwrap_model(model: Any) -> Any:
-    """The user's module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    """The user's module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers: the
+    project's one unwrap helper (duck-typed, so importing this module needs no torch). Unwrapping
+    the objects keeps every parameter name as the model has it."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -270,12 +272,6 @@ def unwrap_model(model: Any) -> Any:
             model = model.module
         else:
             return model
-
-
-def _clean_param_name(name: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        name = name.replace(prefix, "")
-    return name
 
 
 def _import_summary_writer() -> Any:
@@ -463,8 +459,7 @@ class RunLogger:
         if not self.enabled or self._closed or (self._writer is None and self._wandb is None):
             return
         wandb_hists: dict[str, Any] = {}
-        for name, param in unwrap_model(model).named_parameters():
-            name = _clean_param_name(name)
+        for name, param in unwrap_model(model).named_parameters():  # names as the model has them
             for kind, tensor in (("params", param), ("grads", param.grad)):
                 if tensor is None:
                     continue

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,11 +79,15 @@ class ModelSpec:
     build: Callable[[GPTConfig], torch.nn.Module]
     precision: str  # "bf16", "fp32", "fp8-hybrid-delayed"...: recorded in log, meta and hparams
     autocast_dtype: torch.dtype | None  # torch.autocast dtype around the forward, None for fp32
-    forward_context: Callable[[], ContextManager] = contextlib.nullcontext  # e.g. TE's FP8 autocast
+    # Wraps one forward pass (e.g. TE's FP8 autocast). Its argument: True on the first micro-step
+    # of an optimizer step, False on the others, None in evaluation and generation.
+    forward_context: Callable[[bool | None], ContextManager] = contextlib.nullcontext
     allow_compile: bool = True
     meta: dict[str, Any] = field(default_factory=dict)  # extra facts for the checkpoint's meta
-    # Adapts a checkpoint's model state to this model before a strict load (FP8 scaling state).
-    adapt_state_dict: Callable[[dict[str, Any], torch.nn.Module], dict[str, Any]] | None = None
+    # Loads a checkpoint's model state into the unwrapped model, strictly. The bool: the file's
+    # sha256 was verified against the sidecar the suite wrote (FP8 scaling state is a pickle).
+    load_state: Callable[[torch.nn.Module, Mapping[str, Any], bool], None] = (
+        lambda model, state, trusted: model.load_state_dict(state))
 
 
 def resolve_autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -185,7 +189,7 @@ class Trainer:
         self._epochs_before_step = 0
         self._rng_to_restore: dict[str, Any] | None = None
         if plan.checkpoint is not None:
-            self._restore(plan.checkpoint, plan.path)
+            self._restore(plan.checkpoint, plan.path, plan.verified)
         self.model = self._wrap(self.raw_model)
         self.run_logger = RunLogger(Path(cfg.log_dir), enabled=ctx.is_main, use_tensorboard=cfg.use_tensorboard,
                                     use_wandb=cfg.use_wandb, config=config_to_dict(cfg),
@@ -201,8 +205,8 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _restore(self, ckpt: dict[str, Any], path: Path | None) -> None:
-        self._load_weights(ckpt)
+    def _restore(self, ckpt: dict[str, Any], path: Path | None, verified: bool) -> None:
+        self._load_weights(ckpt, verified)
         self.loader.load_state_dict(ckpt["data_state"])
         self.step = int(ckpt["step"])
         self.best_val_loss = float(ckpt.get("best_val_loss") or math.inf)
@@ -234,12 +238,9 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %.2f, val_loss %s)", path, self.step, self.loader.epoch_progress(),
                  f"{self.last_val_loss:.4f}" if self.last_val_loss is not None else "n/a")
 
-    def _load_weights(self, ckpt: dict[str, Any]) -> None:
+    def _load_weights(self, ckpt: dict[str, Any], verified: bool) -> None:
         """Model, optimizer and skip-window state of a checkpoint (a resume or a rollback)."""
-        model_state = ckpt["model"]
-        if self.spec.adapt_state_dict is not None:
-            model_state = self.spec.adapt_state_dict(model_state, self.raw_model)
-        self.raw_model.load_state_dict(model_state)
+        self.spec.load_state(self.raw_model, ckpt["model"], verified)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("guard"):
             self.guard.load_state_dict(ckpt["guard"])
@@ -347,7 +348,7 @@ class Trainer:
         total = torch.zeros((), device=self.ctx.device)
         batches = 0
         for x, y in self.val_reader:
-            with self._autocast(), self.spec.forward_context():
+            with self._autocast(), self.spec.forward_context(None):
                 _, loss = self.model(x, y)
             total += loss.detach().float()
             batches += 1
@@ -415,7 +416,7 @@ class Trainer:
             last = micro == self.grad_accum - 1
             sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.model.no_sync()
             with sync:
-                with self._autocast(), self.spec.forward_context():
+                with self._autocast(), self.spec.forward_context(micro == 0):
                     _, loss = self.model(x, y)
                 loss = self.faults.loss(step, loss)
                 (loss / self.grad_accum).backward()
@@ -518,7 +519,7 @@ class Trainer:
                             f"checkpoint from before step {streak[0]} to roll back to; lower --learning_rate "
                             "or --checkpoint_freq and start again")
         ckpt = self.checkpointer.load(Path(chosen))
-        self._load_weights(ckpt)
+        self._load_weights(ckpt, verified=True)  # a sidecar'd file whose sha256 was just checked
         to_step = int(ckpt["step"])
         self.recovery.rolled_back(at=self.step, to=to_step)
         count = len(self.recovery.rollbacks or [])
