@@ -51,6 +51,13 @@ data: setup
 
 train: data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) src/train_improved.py --config $(CONFIG) --data_dir $(DATA_DIR) --resume auto $(ARGS)
+	@echo
+	@echo "Next:"
+	@echo "  make tensorboard                    the curves in your browser (also over ssh: it prints the tunnel line)"
+	@echo "  make checkpoints                    the checkpoints with their step, val loss and validity"
+	@echo "  ls logs/*.png                       the same curves as PNG charts"
+	@echo "  make train ARGS='--max_steps 300'   train this run further"
+	@echo "  make test                           the test suite"
 
 test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)

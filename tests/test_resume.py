@@ -37,18 +37,22 @@ STEPS = 30
 SCRIPTS = ["train_improved.py", "train_fp8.py"]
 
 
-def _flags(script: str, *extra: str) -> list[str]:
+DROPOUT = "0.1"  # exact resume must hold with random numbers drawn in every step
+
+
+def _flags(script: str, *extra: str, dropout: str = DROPOUT) -> list[str]:
     """The run every test here compares against (TINY_FLAGS and directories come on top)."""
     fp8 = ["--use_fp8"] if script == "train_fp8.py" else []  # falls back on this CPU machine
     return ["--max_steps", str(STEPS), "--eval_freq", "10", "--checkpoint_freq", "1000", "--use_tensorboard",
-            *fp8, *extra]
+            "--dropout", dropout, *fp8, *extra]
 
 
 def _interrupt(tmp: Path, data: Path, script: str, sig: signal.Signals, *, at_step: int = 6,
-               every_process: bool = False, nproc: int = 2) -> tuple[str, float]:
+               every_process: bool = False, nproc: int = 2, dropout: str = DROPOUT) -> tuple[str, float]:
     """Start a run, send `sig` once it reaches `at_step`; returns the run's stderr and the
     seconds every process of the run took to exit."""
-    proc = start(torchrun_cmd(script, nproc, [*TINY_FLAGS, *run_dirs(tmp, data), *_flags(script)]))
+    flags = _flags(script, dropout=dropout)
+    proc = start(torchrun_cmd(script, nproc, [*TINY_FLAGS, *run_dirs(tmp, data), *flags]))
     try:
         wait_for_step(tmp / "logs", at_step, proc)
         tree = process_tree(proc)
@@ -107,15 +111,19 @@ def test_sigterm_to_torchrun_then_resume_is_bit_identical(prepared_data: Path, t
     assert all(tb_losses[s] == pytest.approx(losses[s]) for s in losses)
 
 
-def test_stop_at_two_ranks_resume_at_one(prepared_data: Path, tmp_path: Path,
-                                         reference: dict[str, dict[int, float]]) -> None:
-    _interrupt(tmp_path, prepared_data, "train_improved.py", signal.SIGTERM)
+def test_stop_at_two_ranks_resume_at_one(prepared_data: Path, tmp_path: Path, tmp_path_factory) -> None:
+    """Without dropout (one rank draws other masks than two), 2 -> 1 ranks matches within fp32 noise."""
+    ref_dir = tmp_path_factory.mktemp("ref_no_dropout")
+    train(ref_dir, prepared_data, *_flags("train_improved.py", dropout="0"))
+    reference = step_losses(ref_dir / "logs")
+    _interrupt(tmp_path, prepared_data, "train_improved.py", signal.SIGTERM, dropout="0")
     stopped_at = load_checkpoint(tmp_path / "ckpt" / "latest.pt")["step"]
-    resumed = train(tmp_path, prepared_data, *_flags("train_improved.py", "--resume", "latest"), nproc=1)
+    resumed = train(tmp_path, prepared_data, *_flags("train_improved.py", "--resume", "latest", dropout="0"),
+                    nproc=1)
     assert "world size changed from 2 to 1" in resumed.stderr
     losses = step_losses(tmp_path / "logs")
     for step in range(stopped_at + 1, STEPS + 1):
-        assert losses[step] == pytest.approx(reference["train_improved.py"][step], rel=1e-4), f"step {step}"
+        assert losses[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
 
 
 def test_sigint_to_every_process(prepared_data: Path, tmp_path: Path) -> None:
