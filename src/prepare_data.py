@@ -36,17 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from common.data import (
-    MAX_SHARD_TOKENS,
-    MAX_VOCAB,
-    META_FORMAT_VERSION,
-    DatasetWriter,
-    DirectoryLock,
-    existing_shard_files,
-    read_meta,
-    remove_stale_temporaries,
-)
+from common.dataset_writer import DatasetWriter, DirectoryLock, remove_stale_temporaries
 from common.errors import RunFailed, UserError, run_cli
+from common.shards import MAX_SHARD_TOKENS, MAX_VOCAB, META_FORMAT_VERSION, read_meta, shard_like_files
 from common.tokenizer import encode_documents, encode_in_worker, get_tokenizer, init_worker
 
 log = logging.getLogger("prepare_data")
@@ -184,7 +176,7 @@ def open_output(out: Path, previous: dict[str, Any] | None) -> DirectoryLock:
         lock.acquire()
     except OSError as err:
         raise UserError(f"cannot write to --out {out} ({err.strerror or err}); choose a writable directory") from None
-    if previous is None and existing_shard_files(out):
+    if previous is None and shard_like_files(out):
         lock.release()
         raise UserError(f"{out} already holds shards but no meta.json; use an empty directory for --out")
     remove_stale_temporaries(out)

@@ -20,7 +20,8 @@ from conftest import (
     write_corpus,
 )
 
-from common.data import DatasetWriter, read_shard
+from common.dataset_writer import DatasetWriter
+from common.shards import read_shard
 from common.tokenizer import get_tokenizer
 
 EOT = 50256

@@ -1,0 +1,224 @@
+"""The on-disk format both sides of the data layer share: shard files and meta.json.
+
+prepare_data.py writes it (common.dataset_writer), training reads it (common.data). Nothing here
+imports torch.
+
+Shard (llm.c / modded-nanogpt): a header of 256 little-endian int32 ([0] = 20240520, [1] = 1,
+[2] = token count) followed by the tokens as little-endian uint16. `NAME.bin.lz4` holds exactly
+those bytes in one LZ4 frame. Shards are plain files directly inside the data directory.
+
+meta.json lists every finished shard (file, split, tokens, sha256 of the file as stored,
+tokens_sha256 of the tokens alone) and the tokenizer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lz4.frame
+import numpy as np
+
+from common.errors import UserError
+from common.fsutil import atomic_write_bytes
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+MAX_VOCAB = 1 << 16  # uint16 tokens
+MAX_SHARD_TOKENS = (1 << 31) - 1  # the int32 count in the header
+META_NAME = "meta.json"
+META_FORMAT_VERSION = 1
+LZ4_SUFFIX = ".lz4"
+
+# What a directory of llm.c shards without meta.json is assumed to hold.
+GPT2_TOKENIZER = "gpt2"
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = 50256
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def is_compressed(path: Path | str) -> bool:
+    return str(path).endswith(LZ4_SUFFIX)
+
+
+_SPLIT_RE = re.compile(r"(?:^|_)(train|val)(?:_|$)")
+
+
+def split_of(name: str) -> str | None:
+    """`train`/`val` for llm.c-style names (fineweb_train_000001.bin, val_000000.bin, ..._val.bin)."""
+    stem = name[: -len(LZ4_SUFFIX)] if is_compressed(name) else name
+    if not stem.endswith(".bin"):
+        return None
+    found = _SPLIT_RE.findall(stem[: -len(".bin")])
+    return found[-1] if found else None
+
+
+def shard_like_files(directory: Path) -> list[str]:
+    """Names of the shard files in a directory (hidden temporaries excluded), sorted."""
+    return sorted(p.name for p in Path(directory).iterdir() if split_of(p.name) and not p.name.startswith("."))
+
+
+# ----------------------------------------------------------------------------- writing and reading
+
+
+def shard_bytes(tokens: np.ndarray) -> bytes:
+    """The uncompressed file contents of a shard holding `tokens`."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    return header.tobytes() + np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes()
+
+
+def tokens_sha256(tokens: np.ndarray) -> str:
+    """Hash of the token bytes alone: the same for the .bin and .bin.lz4 form of a shard."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).data).hexdigest()
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> dict[str, Any]:
+    """Write a shard atomically (LZ4 when the name ends in .lz4); its meta.json entry.
+
+    `sha256` is of the file as stored (what `sha256sum` prints), `tokens_sha256` of the tokens.
+    """
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) >= MAX_VOCAB:
+        raise ValueError(f"{path.name}: token id {int(tokens.max())} does not fit the uint16 shard format")
+    data = shard_bytes(tokens)
+    if is_compressed(path):
+        data = lz4.frame.compress(data, store_size=True, content_checksum=True)
+    atomic_write_bytes(path, data)
+    return {"file": path.name, "tokens": int(len(tokens)), "sha256": hashlib.sha256(data).hexdigest(),
+            "tokens_sha256": tokens_sha256(tokens)}
+
+
+def _check_header(path: Path, header: bytes, data_size: int | None) -> int:
+    """Validate a header (and the uncompressed size when known); the token count."""
+    if len(header) < HEADER_BYTES:
+        raise UserError(f"{path}: truncated shard ({len(header)} bytes, shorter than the {HEADER_BYTES}-byte "
+                        "header); delete it and rerun prepare_data.py")
+    magic, version, ntok = (int(v) for v in np.frombuffer(header, dtype="<i4", count=3))
+    if magic != SHARD_MAGIC:
+        raise UserError(f"{path}: not a token shard (magic {magic}, expected {SHARD_MAGIC}); "
+                        "remove it from the data directory")
+    if version != SHARD_VERSION:
+        hint = " (uint32 llama-3 tokens)" if version == 2 else ""
+        raise UserError(f"{path}: shard format version {version}{hint} is not supported, only version "
+                        f"{SHARD_VERSION} (uint16 tokens)")
+    if ntok < 0:
+        raise UserError(f"{path}: corrupt shard header (token count {ntok})")
+    expected = HEADER_BYTES + TOKEN_DTYPE.itemsize * ntok
+    if data_size is not None and data_size != expected:
+        raise UserError(f"{path}: truncated or corrupt shard: the header says {ntok} tokens ({expected} bytes) "
+                        f"but it holds {data_size} bytes; delete it and rerun prepare_data.py")
+    return ntok
+
+
+def _corrupt_lz4(path: Path, err: Exception) -> UserError:
+    return UserError(f"{path}: truncated or corrupt LZ4 shard ({err}); delete it and rerun prepare_data.py")
+
+
+def _unreadable(path: Path, err: OSError) -> UserError:
+    return UserError(f"{path}: cannot read shard ({err.strerror or err})")
+
+
+def read_shard_header(path: Path) -> int:
+    """Token count of a shard after checking its header and size, without reading the tokens.
+
+    For .lz4 the size is checked against the frame's recorded content size; the data itself
+    is verified (checksum, length) when the shard is read.
+    """
+    path = Path(path)
+    try:
+        if not is_compressed(path):
+            with open(path, "rb") as f:
+                header = f.read(HEADER_BYTES)
+            return _check_header(path, header, path.stat().st_size)
+        with open(path, "rb") as f:
+            info = lz4.frame.get_frame_info(f.read(32))
+        with lz4.frame.open(path, "rb") as f:
+            header = f.read(HEADER_BYTES)
+        return _check_header(path, header, info["content_size"] or None)
+    except (RuntimeError, EOFError) as err:  # lz4 reports damage as RuntimeError
+        raise _corrupt_lz4(path, err) from None
+    except OSError as err:
+        raise _unreadable(path, err) from None
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """All tokens of a shard as uint16: a read-only memmap for .bin, decompressed for .bin.lz4."""
+    path = Path(path)
+    if not is_compressed(path):
+        ntok = read_shard_header(path)
+        if ntok == 0:
+            return np.empty(0, dtype=TOKEN_DTYPE)
+        # A plain ndarray view of the mapping: slicing np.memmap objects costs Python overhead per window.
+        return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(ntok,)).view(np.ndarray)
+    try:
+        data = lz4.frame.decompress(path.read_bytes())
+    except RuntimeError as err:
+        raise _corrupt_lz4(path, err) from None
+    except OSError as err:
+        raise _unreadable(path, err) from None
+    ntok = _check_header(path, data[:HEADER_BYTES], len(data))
+    return np.frombuffer(data, dtype=TOKEN_DTYPE, offset=HEADER_BYTES, count=ntok)
+
+
+# ----------------------------------------------------------------------------- content checks
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    split: str
+    tokens: int
+    sha256: str | None = None  # of the file as stored
+    tokens_sha256: str | None = None
+
+    def windows(self, block_size: int) -> int:
+        """Windows of block_size + 1 tokens, stride block_size."""
+        return max(0, (self.tokens - 1) // block_size)
+
+
+def check_token_count(path: Path, ntok: int, listed: ShardInfo) -> None:
+    if ntok != listed.tokens:
+        raise UserError(f"{path}: holds {ntok} tokens but {META_NAME} says {listed.tokens}; the shard or "
+                        f"{META_NAME} was changed after preparation")
+
+
+# ----------------------------------------------------------------------------- meta.json
+
+
+def read_meta(data_dir: Path) -> dict[str, Any] | None:
+    """meta.json of a data directory, or None when there is none."""
+    path = Path(data_dir) / META_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); restore it or prepare the data again") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != META_FORMAT_VERSION:
+        raise UserError(f"{path}: unsupported format_version {version!r} (this version reads {META_FORMAT_VERSION})")
+    return meta
+
+
+def write_meta(data_dir: Path, meta: dict[str, Any]) -> None:
+    atomic_write_bytes(Path(data_dir) / META_NAME, (json.dumps(meta, indent=1) + "\n").encode())
+
+
+def meta_shards(meta: dict[str, Any]) -> list[ShardInfo]:
+    """The shard entries of a meta.json."""
+    return [ShardInfo(e["file"], e["split"], int(e["tokens"]), e.get("sha256"), e.get("tokens_sha256"))
+            for e in meta["shards"]]
