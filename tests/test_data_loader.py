@@ -351,6 +351,18 @@ def test_val_reader_gives_fixed_windows_split_by_rank(prepared_data: Path) -> No
         ValReader(prepared_data, block_size=block, micro_batch_size=10_000)
 
 
+def test_val_reader_is_built_once_from_an_open_index(tiny: Path) -> None:
+    index = DatasetIndex.open(tiny)
+    (tiny / "train_000001.bin.lz4").unlink()  # a reader given the index does not open the directory again
+    reader = ValReader(index, block_size=T, micro_batch_size=4)
+    (tiny / "val_000000.bin.lz4").unlink()  # its windows were read and checked when it was built
+    first, again = list(reader), list(reader)
+    assert len(first) == len(reader) == (900 - 1) // T // 4
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    with pytest.raises(UserError, match="listed in .*meta.json but missing"):
+        ValReader(tiny, block_size=T, micro_batch_size=4)
+
+
 def test_lz4_and_plain_directories_serve_identical_batches(prepared_data: Path, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()

@@ -509,46 +509,44 @@ class ValReader:
     """The first max_batches * B * W windows of the val shards in file order, the same every run.
 
     Batch j of rank r holds windows (j*W + r)*B ... +B; every rank yields the same number of
-    batches. The rank's windows are read once and kept (they are small).
+    batches. Build it once, at start: the constructor reads and checks this rank's windows, so a
+    directory without one batch of them, or a damaged val shard, is refused before the first step,
+    and keeps them in host memory; every iteration serves the same batches again without touching
+    the files. `data` may be an already open DatasetIndex (its shard headers are not read again).
     """
 
-    def __init__(self, data_dir: Path | str, block_size: int, micro_batch_size: int, rank: int = 0,
+    def __init__(self, data: DatasetIndex | Path | str, block_size: int, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, max_batches: int | None = None, device: Any = "cpu") -> None:
-        self.data_dir = Path(data_dir)
+        index = data if isinstance(data, DatasetIndex) else DatasetIndex.open(data)
+        self.data_dir = index.data_dir
         self.block_size, self.batch, self.rank, self.world = block_size, micro_batch_size, rank, world_size
         self.device = _torch_device(device)
-        self.shards = DatasetIndex.open(self.data_dir).val_shards
-        counts = [s.windows(block_size) for s in self.shards]
-        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        total = int(self._starts[-1])
+        shards = index.val_shards
+        starts = np.concatenate([[0], np.cumsum([s.windows(block_size) for s in shards], dtype=np.int64)])
+        total = int(starts[-1])
         per_batch = micro_batch_size * world_size
         self.num_batches = total // per_batch if max_batches is None else min(max_batches, total // per_batch)
         if self.num_batches == 0:
             raise UserError(f"{self.data_dir}: the val shards hold {total} windows of block_size + 1 = "
                             f"{block_size + 1} tokens, fewer than one batch of {per_batch}; prepare with a larger "
                             "--val_tokens or lower --batch_size/--block_size")
-        self._x: torch.Tensor | None = None
-        self._y: torch.Tensor | None = None
+        windows = []
+        for j in range(self.num_batches):
+            first = (j * world_size + rank) * micro_batch_size
+            for g in range(first, first + micro_batch_size):
+                k = int(np.searchsorted(starts, g, side="right")) - 1
+                windows.append((shards[k], g - int(starts[k])))
+        # Windows come in file order: one shard in memory at a time.
+        cache = _ShardCache(self.data_dir, 1)
+        self._x, self._y = _gather(cache, windows, block_size, pin=self.device.type == "cuda")
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._x is None:
-            self._x, self._y = self._load()
         for j in range(self.num_batches):
             rows = slice(j * self.batch, (j + 1) * self.batch)
-            yield self._x[rows].to(self.device), self._y[rows].to(self.device)
-
-    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = []
-        for j in range(self.num_batches):
-            first = (j * self.world + self.rank) * self.batch
-            for g in range(first, first + self.batch):
-                k = int(np.searchsorted(self._starts, g, side="right")) - 1
-                windows.append((self.shards[k], g - int(self._starts[k])))
-        cache = _ShardCache(self.data_dir, capacity=1)  # windows come in file order
-        return _gather(cache, windows, self.block_size, pin=False)
+            yield _to_device(self._x[rows], self.device), _to_device(self._y[rows], self.device)
 
 
 def _in_process_group() -> bool:
