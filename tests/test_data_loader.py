@@ -380,3 +380,61 @@ def test_data_module_does_not_import_torch_for_prepare() -> None:
     code = ("import sys, common.data, common.shards, common.dataset_writer, common.tokenizer; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], env=env(), cwd=SRC).returncode == 0
+
+
+# ----------------------------------------------------------------------------- what is trusted
+
+
+META_DAMAGE = {  # case -> (meta.json bytes, or a change to the parsed meta; a fragment of the one-line error)
+    "not_utf8": (b'{"format_version": 1, "tokenizer": "gpt\xff2"}', "not UTF-8 text"),
+    "not_json": (b'{"format_version": 1, "shards": [', "not valid JSON"),
+    "not_an_object": (b"[1, 2, 3]", "holds a list, not an object"),
+    "missing_field": (lambda m: m.pop("vocab_size"), "field 'vocab_size' is missing"),
+    "ill_typed_field": (lambda m: m.update(vocab_size="50257"), "field 'vocab_size' must be a positive integer"),
+    "boolean_count": (lambda m: m.update(expected_train_tokens=True), "field 'expected_train_tokens' must be"),
+    "eot_beyond_vocab": (lambda m: m.update(eot_token=50257), "eot_token 50257 is not below vocab_size"),
+    "shards_not_a_list": (lambda m: m.update(shards={"file": "train_000000.bin.lz4"}), "field 'shards' must be"),
+    "entry_not_an_object": (lambda m: m["shards"].append("train_000009.bin.lz4"), "shards[4] is a string"),
+    "entry_without_split": (lambda m: m["shards"][1].pop("split"), "shards[1]: field 'split' is missing"),
+    "negative_tokens": (lambda m: m["shards"][1].update(tokens=-5), "shards[1]: field 'tokens' must be a token count"),
+    "unknown_split": (lambda m: m["shards"][1].update(split="test"), "shards[1]: field 'split' must be 'train' or"),
+    "bad_sha256": (lambda m: m["shards"][1].update(sha256="abc"), "shards[1]: field 'sha256' must be 64"),
+    "listed_twice": (lambda m: m["shards"].append(dict(m["shards"][1])), "is listed twice"),
+}
+
+
+@pytest.mark.parametrize("case", list(META_DAMAGE))
+def test_malformed_meta_json_is_one_line_naming_the_file(tiny: Path, case: str) -> None:
+    damage, fragment = META_DAMAGE[case]
+    if callable(damage):
+        meta = read_meta(tiny)
+        damage(meta)
+        damage = json.dumps(meta).encode()
+    (tiny / "meta.json").write_bytes(damage)
+    with pytest.raises(UserError) as err:
+        DatasetIndex.open(tiny)
+    message = str(err.value)
+    assert message.startswith(f"{tiny / 'meta.json'}: ") and fragment in message, message
+    assert "\n" not in message and "prepare the data again" in message
+
+
+@pytest.mark.parametrize("how", ["dot_dot", "absolute", "subdirectory", "symlink", "symlink_no_meta"])
+def test_shards_outside_the_data_directory_are_refused(tmp_path: Path, how: str) -> None:
+    data = make_dataset(tmp_path / "data", compress=False, meta=how != "symlink_no_meta")
+    outside = tmp_path / "elsewhere" / "train_000009.bin"
+    outside.parent.mkdir()
+    entry = {**write_shard(outside, np.arange(500, dtype=np.uint16)), "split": "train"}
+    name = {"dot_dot": "../elsewhere/train_000009.bin", "absolute": str(outside),
+            "subdirectory": "elsewhere/train_000009.bin"}.get(how, "train_000009.bin")
+    if how.startswith("symlink"):
+        (data / name).symlink_to(outside)
+    if how == "subdirectory":
+        (data / "elsewhere").symlink_to(outside.parent, target_is_directory=True)
+    if how != "symlink_no_meta":
+        meta = read_meta(data)
+        meta["shards"].append({**entry, "file": name})
+        write_meta(data, meta)
+    with pytest.raises(UserError) as err:
+        DatasetIndex.open(data)
+    message = str(err.value)
+    assert name in message and ("outside" in message or "not a plain file name" in message), message

@@ -287,3 +287,42 @@ def test_tokenizer_offline_fallback_and_errors() -> None:
     with pytest.raises(UserError, match="unknown tokenizer 'nope'.*r50k_base"):
         get_tokenizer("nope")
     assert get_tokenizer("gpt-2").n_vocab == 50257  # a model name maps to its encoding
+
+
+# ----------------------------------------------------------------------------- what is trusted
+
+
+def rerun_args(prepared_copy: Path, small_corpus_dir: Path) -> list:
+    """The command that made `prepared_data`, aimed at a copy of it: a rerun that continues it."""
+    return ["--dataset", small_corpus_dir, "--out", prepared_copy, "--shard_tokens", PREPARED_SHARD_TOKENS,
+            "--val_tokens", PREPARED_VAL_TOKENS, "--workers", "1"]
+
+
+def test_rerun_never_writes_outside_out(prepared_copy: Path, small_corpus_dir: Path, tmp_path: Path) -> None:
+    out, args = prepared_copy, rerun_args(prepared_copy, small_corpus_dir)
+    meta = meta_of(out)
+    name = meta["shards"][-1]["file"]
+    (out / name).unlink()  # a missing shard is rewritten by name on the next run
+    for escape in (f"../{name}", str(tmp_path / name)):
+        meta["shards"][-1]["file"] = escape
+        (out / "meta.json").write_text(json.dumps(meta))
+        line = one_line_error(run_prepare(*args))
+        assert "meta.json" in line and escape in line and "not a plain file name" in line, line
+        assert not (tmp_path / name).exists()
+    meta["shards"][-1]["file"] = name
+    (out / "meta.json").write_text(json.dumps(meta))
+    (out / name).symlink_to(tmp_path / "elsewhere" / name)  # dangling: writing through it would escape
+    line = one_line_error(run_prepare(*args))
+    assert name in line and "outside" in line, line
+    assert not (tmp_path / "elsewhere").exists() and (out / name).is_symlink()
+
+
+@pytest.mark.parametrize("damage", [b'{"format_version": 1, "source": "caf\xe9"}', b'{"format_version": 1, '
+                                    b'"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256, "shards": [7]}'])
+def test_malformed_meta_json_stops_a_rerun_with_one_line(prepared_copy: Path, small_corpus_dir: Path,
+                                                         damage: bytes) -> None:
+    (prepared_copy / "meta.json").write_bytes(damage)
+    before = file_ids(prepared_copy)
+    line = one_line_error(run_prepare(*rerun_args(prepared_copy, small_corpus_dir)))
+    assert f"{prepared_copy / 'meta.json'}: " in line and "prepare the data again" in line, line
+    assert file_ids(prepared_copy) == before and (prepared_copy / "meta.json").read_bytes() == damage

@@ -46,6 +46,7 @@ from common.shards import (
     read_shard,
     read_shard_header,
     shard_like_files,
+    shard_path,
     split_of,
 )
 
@@ -89,9 +90,9 @@ class DatasetIndex:
         self.data_dir = Path(data_dir)
         self.shards = shards
         self.meta = meta
-        self.tokenizer_name: str = meta.get("tokenizer", GPT2_TOKENIZER) if meta else GPT2_TOKENIZER
-        self.vocab_size: int = int(meta.get("vocab_size", GPT2_VOCAB_SIZE)) if meta else GPT2_VOCAB_SIZE
-        self.eot_token: int = int(meta.get("eot_token", GPT2_EOT)) if meta else GPT2_EOT
+        self.tokenizer_name: str = meta["tokenizer"] if meta else GPT2_TOKENIZER
+        self.vocab_size: int = meta["vocab_size"] if meta else GPT2_VOCAB_SIZE
+        self.eot_token: int = meta["eot_token"] if meta else GPT2_EOT
 
     @classmethod
     def open(cls, data_dir: Path | str) -> DatasetIndex:
@@ -117,7 +118,7 @@ class DatasetIndex:
     def _from_files(data_dir: Path) -> list[ShardInfo]:
         shards = []
         for name in shard_like_files(data_dir):
-            path = data_dir / name
+            path = shard_path(data_dir, name)
             if path.is_file():
                 shards.append(ShardInfo(name, split_of(name), read_shard_header(path)))
         if not shards:

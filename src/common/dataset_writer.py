@@ -1,5 +1,8 @@
 """The writing side of the data layer, used only by prepare_data.py: one token stream cut into
 shards, meta.json kept current, and the lock and clean-up that make reruns safe.
+
+Every file it writes is named through common.shards.shard_path, so no meta.json entry can make a
+rerun write outside --out.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError
-from common.shards import LZ4_SUFFIX, TOKEN_DTYPE, tokens_sha256, write_meta, write_shard
+from common.shards import LZ4_SUFFIX, TOKEN_DTYPE, shard_path, tokens_sha256, write_meta, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ class DatasetWriter:
         self._begin_shard()
 
     def _verify_finished(self, entry: dict[str, Any], tokens: np.ndarray) -> None:
-        path = self.out_dir / entry["file"]
+        path = shard_path(self.out_dir, entry["file"])
         if tokens_sha256(tokens) != entry.get("tokens_sha256"):
             raise UserError(f"the source changed since {path.name} was written (its tokens differ now); "
                             f"prepare into a new --out directory (nothing in {self.out_dir} was modified)")
@@ -116,7 +119,7 @@ class DatasetWriter:
         split = "val" if self.position - len(tokens) < self.val_tokens else "train"
         number = sum(1 for e in self.finished if e["split"] == split)
         name = f"{split}_{number:06d}.bin" + (LZ4_SUFFIX if self.compress else "")
-        entry = write_shard(self.out_dir / name, tokens)
+        entry = write_shard(shard_path(self.out_dir, name), tokens)
         self.finished.append({"file": entry["file"], "split": split, "tokens": entry["tokens"],
                               "sha256": entry["sha256"], "tokens_sha256": entry["tokens_sha256"]})
         self.prefix_tokens += entry["tokens"]

@@ -8,12 +8,15 @@ Shard (llm.c / modded-nanogpt): a header of 256 little-endian int32 ([0] = 20240
 those bytes in one LZ4 frame. Shards are plain files directly inside the data directory.
 
 meta.json lists every finished shard (file, split, tokens, sha256 of the file as stored,
-tokens_sha256 of the tokens alone) and the tokenizer.
+tokens_sha256 of the tokens alone) and the tokenizer. It is checked field by field when read:
+a damaged or hand-edited file ends in one line naming it, never a traceback, and no entry may
+name a file outside the data directory (prepare_data.py rewrites missing shards by name).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ MAX_SHARD_TOKENS = (1 << 31) - 1  # the int32 count in the header
 META_NAME = "meta.json"
 META_FORMAT_VERSION = 1
 LZ4_SUFFIX = ".lz4"
+SPLITS = ("train", "val")
 
 # What a directory of llm.c shards without meta.json is assumed to hold.
 GPT2_TOKENIZER = "gpt2"
@@ -64,6 +68,27 @@ def split_of(name: str) -> str | None:
 def shard_like_files(directory: Path) -> list[str]:
     """Names of the shard files in a directory (hidden temporaries excluded), sorted."""
     return sorted(p.name for p in Path(directory).iterdir() if split_of(p.name) and not p.name.startswith("."))
+
+
+def _shard_name_problem(root: Path, name: str) -> str | None:
+    """Why `name` cannot be a shard of the directory `root` (resolved; None when it can): shards
+    are files directly inside it, named *.bin or *.bin.lz4, and do not link outside it."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return "is not a plain file name inside the data directory"
+    if not name.endswith((".bin", ".bin" + LZ4_SUFFIX)):
+        return "does not end in .bin or .bin.lz4"
+    path = os.path.join(root, name)  # a bare name in a resolved directory: only a link can lead elsewhere
+    if os.path.islink(path) and root not in Path(path).resolve().parents:
+        return f"links to {Path(path).resolve()}, outside {root}"
+    return None
+
+
+def shard_path(data_dir: Path, name: str) -> Path:
+    """`data_dir / name`, refused when the name could read or write outside the directory."""
+    problem = _shard_name_problem(Path(data_dir).resolve(), name)
+    if problem:
+        raise UserError(f"shard {name!r} of {data_dir} {problem}; shards must be files inside the data directory")
+    return Path(data_dir) / name
 
 
 # ----------------------------------------------------------------------------- writing and reading
@@ -194,23 +219,113 @@ def check_token_count(path: Path, ntok: int, listed: ShardInfo) -> None:
 
 # ----------------------------------------------------------------------------- meta.json
 
+_META_FIX = "restore it from a backup, or prepare the data again with prepare_data.py into a new --out"
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _nonnegative_int(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _sha(value: Any) -> bool:
+    return isinstance(value, str) and _SHA_RE.fullmatch(value) is not None
+
+
+# field -> (check, what it must be). Unknown fields are kept: newer writers may add some.
+_META_REQUIRED = {
+    "tokenizer": (lambda v: isinstance(v, str) and v != "", "a tokenizer name"),
+    "vocab_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "eot_token": (_nonnegative_int, "a token id"),
+    "shards": (lambda v: isinstance(v, list), "a list of shard entries"),
+}
+_META_OPTIONAL = {
+    "complete": (lambda v: isinstance(v, bool), "true or false"),
+    "exhausted": (lambda v: isinstance(v, bool), "true or false"),
+    "expected_train_tokens": (_nonnegative_int, "a token count"),
+    "documents": (_nonnegative_int, "a document count"),
+    "max_tokens": (lambda v: v is None or _nonnegative_int(v), "a token count or null"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "source_fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "settings": (lambda v: isinstance(v, dict), "an object"),
+}
+_ENTRY_REQUIRED = {
+    "file": (lambda v: isinstance(v, str), "a file name"),
+    "split": (lambda v: v in SPLITS, "'train' or 'val'"),
+    "tokens": (_nonnegative_int, "a token count >= 0"),
+}
+_ENTRY_OPTIONAL = {
+    "sha256": (_sha, "64 lowercase hex digits"),
+    "tokens_sha256": (_sha, "64 lowercase hex digits"),
+}
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _field_problems(obj: dict[str, Any], required: dict, optional: dict, where: str) -> str | None:
+    for name in required:
+        if name not in obj:
+            return f"{where}field {name!r} is missing"
+    for name, (ok, what) in (required | optional).items():
+        if name in obj and not ok(obj[name]):
+            shown = repr(obj[name])
+            return f"{where}field {name!r} must be {what}, not {shown if len(shown) < 60 else shown[:57] + '...'}"
+    return None
+
+
+def meta_problem(data_dir: Path, meta: Any) -> str | None:
+    """What is wrong with a parsed meta.json (None when it can be trusted)."""
+    if not isinstance(meta, dict):
+        return f"holds {_json_type(meta)}, not an object"
+    if meta.get("format_version") != META_FORMAT_VERSION:
+        return f"unsupported format_version {meta.get('format_version')!r} (this version reads {META_FORMAT_VERSION})"
+    problem = _field_problems(meta, _META_REQUIRED, _META_OPTIONAL, "")
+    if problem:
+        return problem
+    if meta["eot_token"] >= meta["vocab_size"]:
+        return f"eot_token {meta['eot_token']} is not below vocab_size {meta['vocab_size']}"
+    root = Path(data_dir).resolve()
+    seen: set[str] = set()
+    for i, entry in enumerate(meta["shards"]):
+        if not isinstance(entry, dict):
+            return f"shards[{i}] is {_json_type(entry)}, not an object"
+        problem = _field_problems(entry, _ENTRY_REQUIRED, _ENTRY_OPTIONAL, f"shards[{i}]: ")
+        if problem:
+            return problem
+        name = entry["file"]
+        problem = _shard_name_problem(root, name)
+        if problem:
+            return f"shards[{i}]: file {name!r} {problem}"
+        if name in seen:
+            return f"shards[{i}]: file {name!r} is listed twice"
+        seen.add(name)
+    return None
+
 
 def read_meta(data_dir: Path) -> dict[str, Any] | None:
-    """meta.json of a data directory, or None when there is none."""
+    """meta.json of a data directory, checked field by field; None when there is none."""
     path = Path(data_dir) / META_NAME
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
     try:
-        meta = json.loads(text)
+        meta = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); {_META_FIX}") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err}); restore it or prepare the data again") from None
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != META_FORMAT_VERSION:
-        raise UserError(f"{path}: unsupported format_version {version!r} (this version reads {META_FORMAT_VERSION})")
+        raise UserError(f"{path}: not valid JSON ({err}); {_META_FIX}") from None
+    problem = meta_problem(Path(data_dir), meta)
+    if problem:
+        raise UserError(f"{path}: {problem}; {_META_FIX}")
     return meta
 
 
@@ -219,6 +334,6 @@ def write_meta(data_dir: Path, meta: dict[str, Any]) -> None:
 
 
 def meta_shards(meta: dict[str, Any]) -> list[ShardInfo]:
-    """The shard entries of a meta.json."""
-    return [ShardInfo(e["file"], e["split"], int(e["tokens"]), e.get("sha256"), e.get("tokens_sha256"))
+    """The shard entries of a checked meta.json."""
+    return [ShardInfo(e["file"], e["split"], e["tokens"], e.get("sha256"), e.get("tokens_sha256"))
             for e in meta["shards"]]
