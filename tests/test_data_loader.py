@@ -438,3 +438,45 @@ def test_shards_outside_the_data_directory_are_refused(tmp_path: Path, how: str)
         DatasetIndex.open(data)
     message = str(err.value)
     assert name in message and ("outside" in message or "not a plain file name" in message), message
+
+
+def test_changed_shard_bytes_are_refused_when_the_shard_is_loaded(tmp_path: Path) -> None:
+    plain = make_dataset(tmp_path / "plain", compress=False)
+    for name in ("train_000001.bin", "val_000000.bin"):
+        data = bytearray((plain / name).read_bytes())
+        data[1024 + 2 * 300] ^= 0x01  # token 300 changes; header and size stay intact
+        (plain / name).write_bytes(data)
+    index = DatasetIndex.open(plain)  # the cheap checks at open cannot see it
+    with pytest.raises(UserError, match=r"val_000000\.bin: sha256 \w+\.\.\. differs from the \w+\.\.\. recorded"):
+        ValReader(index, block_size=T, micro_batch_size=4)
+    with pytest.raises(UserError, match=r"train_000001\.bin: sha256 .* delete it and rerun prepare_data"):
+        with ShardedTrainLoader(plain, block_size=T, micro_batch_size=4) as loader:
+            for _ in range(loader.samples_per_epoch // 4 + 1):  # one epoch reads every shard
+                loader.next_batch()
+
+
+def _put_token(directory: Path, name: str, offset: int, token: int) -> None:
+    """Rewrite shard `name` with one token replaced, and meta.json to match (sha256 included)."""
+    tokens = np.array(read_shard(directory / name))
+    tokens[offset] = token
+    meta = read_meta(directory)
+    entry = next(e for e in meta["shards"] if e["file"] == name)
+    entry.update(write_shard(directory / name, tokens))
+    write_meta(directory, meta)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_naming_shard_and_offset(tiny: Path) -> None:
+    _put_token(tiny, "train_000002.bin.lz4", 777, 50300)
+    _put_token(tiny, "val_000000.bin.lz4", 5, 60000)
+    DatasetIndex.open(tiny)
+    expected = r"train_000002\.bin\.lz4: token id 50300 at token offset 777 is outside the vocabulary of {}"
+    for vocab_size, shown in ((50257, 50257), (None, 50257)):  # None: the dataset's own vocabulary
+        with pytest.raises(UserError, match=expected.format(shown)):
+            with ShardedTrainLoader(tiny, block_size=T, micro_batch_size=4, vocab_size=vocab_size) as loader:
+                for _ in range(loader.samples_per_epoch // 4 + 1):
+                    loader.next_batch()
+    with ShardedTrainLoader(tiny, block_size=T, micro_batch_size=4, vocab_size=50304) as loader:
+        for _ in range(loader.samples_per_epoch // 4 + 1):  # 50300 fits a model of 50304 rows
+            loader.next_batch()
+    with pytest.raises(UserError, match=r"val_000000\.bin\.lz4: token id 60000 at token offset 5 .* of 50304"):
+        ValReader(tiny, block_size=T, micro_batch_size=4, vocab_size=50304)

@@ -326,3 +326,17 @@ def test_malformed_meta_json_stops_a_rerun_with_one_line(prepared_copy: Path, sm
     line = one_line_error(run_prepare(*rerun_args(prepared_copy, small_corpus_dir)))
     assert f"{prepared_copy / 'meta.json'}: " in line and "prepare the data again" in line, line
     assert file_ids(prepared_copy) == before and (prepared_copy / "meta.json").read_bytes() == damage
+
+
+def test_a_rewritten_shard_gets_the_sha256_of_its_bytes(prepared_copy: Path, small_corpus_dir: Path) -> None:
+    """Another lz4 release may compress the same tokens to other bytes: meta.json must say what is stored."""
+    out, args = prepared_copy, rerun_args(prepared_copy, small_corpus_dir)
+    meta = meta_of(out)
+    entry = meta["shards"][1]
+    (out / entry["file"]).unlink()
+    entry["sha256"] = "0" * 64  # what an older lz4 would have produced
+    (out / "meta.json").write_text(json.dumps(meta))
+    prepare_ok(*args)
+    rewritten = meta_of(out)["shards"][1]
+    assert rewritten["sha256"] == hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest()
+    assert rewritten["tokens_sha256"] == entry["tokens_sha256"]

@@ -113,7 +113,9 @@ class DatasetWriter:
                             f"prepare into a new --out directory (nothing in {self.out_dir} was modified)")
         if not path.exists():
             log.info("%s was missing: rewriting it", path.name)
-            write_shard(path, tokens)
+            # Another lz4 release may compress the same tokens to other bytes: record what is stored now.
+            entry["sha256"] = write_shard(path, tokens)["sha256"]
+            self._write_meta(exact=False)
 
     def _write_new(self, tokens: np.ndarray) -> None:
         split = "val" if self.position - len(tokens) < self.val_tokens else "train"

@@ -45,6 +45,8 @@ GPT2_TOKENIZER = "gpt2"
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
 
+_HASH_CHUNK = 1 << 22
+
 
 # ----------------------------------------------------------------------------- names
 
@@ -104,6 +106,15 @@ def shard_bytes(tokens: np.ndarray) -> bytes:
 def tokens_sha256(tokens: np.ndarray) -> str:
     """Hash of the token bytes alone: the same for the .bin and .bin.lz4 form of a shard."""
     return hashlib.sha256(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file as stored (what `sha256sum` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> dict[str, Any]:
@@ -215,6 +226,32 @@ def check_token_count(path: Path, ntok: int, listed: ShardInfo) -> None:
     if ntok != listed.tokens:
         raise UserError(f"{path}: holds {ntok} tokens but {META_NAME} says {listed.tokens}; the shard or "
                         f"{META_NAME} was changed after preparation")
+
+
+def check_file_sha256(path: Path, expected: str | None) -> None:
+    """Refuse a shard whose bytes differ from those prepare_data.py recorded (no-op when none were)."""
+    if expected is None:
+        return
+    try:
+        actual = file_sha256(path)
+    except OSError as err:
+        raise _unreadable(path, err) from None
+    if actual != expected:
+        raise UserError(f"{path}: sha256 {actual[:12]}... differs from the {expected[:12]}... recorded in "
+                        f"{META_NAME}, so the file changed after preparation; delete it and rerun prepare_data.py "
+                        "with the same flags to rewrite it")
+
+
+def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
+    """Refuse a shard holding a token id >= vocab_size (it would index past the embedding)."""
+    if tokens.size == 0 or vocab_size > np.iinfo(tokens.dtype).max:
+        return
+    if int(tokens.max()) < vocab_size:
+        return
+    offset = int(np.argmax(tokens >= vocab_size))
+    raise UserError(f"{path}: token id {int(tokens[offset])} at token offset {offset} is outside the vocabulary "
+                    f"of {vocab_size} ids; the shard is damaged or was made with another tokenizer: prepare the "
+                    "data again")
 
 
 # ----------------------------------------------------------------------------- meta.json
