@@ -480,3 +480,4 @@ def test_token_ids_beyond_the_vocabulary_are_refused_naming_shard_and_offset(tin
             loader.next_batch()
     with pytest.raises(UserError, match=r"val_000000\.bin\.lz4: token id 60000 at token offset 5 .* of 50304"):
         ValReader(tiny, block_size=T, micro_batch_size=4, vocab_size=50304)
+

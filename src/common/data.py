@@ -8,7 +8,7 @@ lies inside the directory, and every shard's header and size (cheap: one small r
 Each time a loader loads a shard (once per shard per epoch, on the prefetch thread) it also checks
 the file's sha256 against meta.json (about 0.14 s per 100M tokens as plain .bin, 0.06 s as the
 .bin.lz4 file whose decompression takes 0.44 s anyway) and that no token id reaches the vocabulary
-size (0.01 s).
+size (0.01 s). `python src/prepare_data.py --verify DIR` checks everything, tokens_sha256 included.
 
 Sample order. A window is `block_size + 1` tokens; window i of a shard covers tokens
 [i*T, i*T + T + 1) (consecutive windows share one boundary token, as in nanoGPT/llm.c). Each

@@ -242,6 +242,12 @@ def check_file_sha256(path: Path, expected: str | None) -> None:
                         "with the same flags to rewrite it")
 
 
+def check_tokens_sha256(path: Path, tokens: np.ndarray, expected: str | None) -> None:
+    if expected is not None and tokens_sha256(tokens) != expected:
+        raise UserError(f"{path}: tokens_sha256 differs from {META_NAME}: the tokens changed after preparation; "
+                        "delete it and rerun prepare_data.py with the same flags to rewrite it")
+
+
 def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
     """Refuse a shard holding a token id >= vocab_size (it would index past the embedding)."""
     if tokens.size == 0 or vocab_size > np.iinfo(tokens.dtype).max:
@@ -250,8 +256,31 @@ def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
         return
     offset = int(np.argmax(tokens >= vocab_size))
     raise UserError(f"{path}: token id {int(tokens[offset])} at token offset {offset} is outside the vocabulary "
-                    f"of {vocab_size} ids; the shard is damaged or was made with another tokenizer: prepare the "
-                    "data again")
+                    f"of {vocab_size} ids; the shard is damaged or was made with another tokenizer: check the "
+                    "directory with `python src/prepare_data.py --verify DIR` and prepare it again")
+
+
+def verify_shard(path: Path, vocab_size: int, listed: ShardInfo | None) -> tuple[int, list[str]]:
+    """The tokens a shard holds (0 when unreadable) and every problem it has, each a line naming it:
+    header and size (for .lz4 the whole frame and its content checksum), then what meta.json
+    recorded (`listed`: token count, sha256 of the file, tokens_sha256), then the id range."""
+    if not path.exists():
+        return 0, [f"{path}: missing; restore it or rerun prepare_data.py with the same flags to rewrite it"]
+    try:
+        tokens = read_shard(path)
+    except UserError as err:
+        return 0, [str(err)]
+    checks: list[tuple[Any, ...]] = [(check_token_ids, path, tokens, vocab_size)]
+    if listed is not None:
+        checks[:0] = [(check_token_count, path, len(tokens), listed), (check_file_sha256, path, listed.sha256),
+                      (check_tokens_sha256, path, tokens, listed.tokens_sha256)]
+    problems = []
+    for check, *args in checks:
+        try:
+            check(*args)
+        except UserError as err:
+            problems.append(str(err))
+    return len(tokens), problems
 
 
 # ----------------------------------------------------------------------------- meta.json
