@@ -58,7 +58,7 @@ from common.shards import (
     split_of,
 )
 
-if TYPE_CHECKING:  # torch is imported lazily: prepare_data.py must not pay for it
+if TYPE_CHECKING:  # torch is imported when a loader is built, not with this module
     import torch
 
     from common.dist import DistContext
