@@ -13,6 +13,10 @@ every shard, so a trainer may read the directory while it grows.
 Run the same command again to continue an interrupted run, or to append shards after the corpus
 grew: the stream is tokenized again, the finished shards are checked against it (never rewritten)
 and new shards follow them.
+
+    python src/prepare_data.py --verify data/stdlib
+
+checks a prepared directory completely (see `verify`); exit status 0 when every shard is intact.
 """
 from __future__ import annotations
 
@@ -36,17 +40,20 @@ from typing import Any
 
 import numpy as np
 
-from common.data import (
+from common.dataset_writer import DatasetWriter, DirectoryLock, remove_stale_temporaries
+from common.errors import RunFailed, UserError, run_cli
+from common.shards import (
+    GPT2_VOCAB_SIZE,
     MAX_SHARD_TOKENS,
     MAX_VOCAB,
     META_FORMAT_VERSION,
-    DatasetWriter,
-    DirectoryLock,
-    existing_shard_files,
+    ShardInfo,
+    meta_shards,
     read_meta,
-    remove_stale_temporaries,
+    shard_like_files,
+    shard_path,
+    verify_shard,
 )
-from common.errors import RunFailed, UserError, run_cli
 from common.tokenizer import encode_documents, encode_in_worker, get_tokenizer, init_worker
 
 log = logging.getLogger("prepare_data")
@@ -61,6 +68,8 @@ LOCAL_KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json",
 def main() -> int:
     args = parse_args()
     setup_logging()
+    if args.verify is not None:
+        return verify(Path(args.verify))
     source = open_source(args)
     out = Path(args.out)
     previous = read_meta(out) if out.is_dir() else None
@@ -105,11 +114,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(description="Tokenize text into llm.c-format shards (see the module docstring).")
-    p.add_argument("--dataset", required=True,
+    p = _Parser(description="Tokenize text into llm.c-format shards (see the module docstring).",
+                epilog="Exit status: 0 done (with --verify: every shard is intact); 1 the run could not finish, "
+                       "or --verify found damaged shards (one line each on stdout); 2 a usage or data error, "
+                       "such as a missing or malformed meta.json (one line on stderr).")
+    p.add_argument("--dataset",
                    help="'stdlib' (this Python's standard library), a local file/directory/glob of .txt, .jsonl, "
-                        ".json or .parquet, or a Hugging Face dataset id")
-    p.add_argument("--out", required=True, help="output directory (created; rerun to continue it)")
+                        ".json or .parquet, or a Hugging Face dataset id (required unless --verify)")
+    p.add_argument("--out", help="output directory (created; rerun to continue it; required unless --verify)")
+    p.add_argument("--verify", metavar="DIR",
+                   help="instead of preparing, check every shard of a prepared directory: header, size, the "
+                        "sha256 and tokens_sha256 recorded in meta.json, token ids below the vocabulary size")
     p.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding or model name (default gpt2)")
     p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
     p.add_argument("--val_tokens", type=int, default=None,
@@ -121,6 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset_config", default=None, help="Hugging Face dataset configuration (e.g. sample-10BT)")
     p.add_argument("--split", default="train", help="Hugging Face dataset split (default train)")
     args = p.parse_args(argv)
+    if args.verify is not None and (args.dataset or args.out):
+        raise UserError("--verify DIR checks a prepared directory: give it without --dataset and --out")
+    if args.verify is None and not (args.dataset and args.out):
+        raise UserError("--dataset and --out are required (or --verify DIR to check a prepared directory)")
     for name in ("shard_tokens", "workers", "max_tokens", "val_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -184,7 +203,7 @@ def open_output(out: Path, previous: dict[str, Any] | None) -> DirectoryLock:
         lock.acquire()
     except OSError as err:
         raise UserError(f"cannot write to --out {out} ({err.strerror or err}); choose a writable directory") from None
-    if previous is None and existing_shard_files(out):
+    if previous is None and shard_like_files(out):
         lock.release()
         raise UserError(f"{out} already holds shards but no meta.json; use an empty directory for --out")
     remove_stale_temporaries(out)
@@ -424,6 +443,46 @@ def chunked(documents: Iterator[str]) -> Iterator[list[str]]:
         yield chunk
 
 
+# ----------------------------------------------------------------------------- verify
+
+
+def verify(data_dir: Path) -> int:
+    """Check every shard of a directory completely (common.shards.verify_shard); a line per problem.
+
+    0 when all are intact, 1 when any is not. A directory without meta.json (llm.c shards) is
+    checked for what its files alone can show, against GPT-2's vocabulary.
+    """
+    if not data_dir.is_dir():
+        raise UserError(f"--verify {data_dir}: no such directory")
+    meta = read_meta(data_dir)
+    if meta is not None:
+        shards: list[tuple[str, ShardInfo | None]] = [(s.file, s) for s in meta_shards(meta)]
+        vocab_size, total = meta["vocab_size"], sum(e["tokens"] for e in meta["shards"])
+    else:
+        shards = [(name, None) for name in shard_like_files(data_dir)]
+        vocab_size, total = GPT2_VOCAB_SIZE, None
+    if not shards:
+        raise UserError(f"--verify {data_dir}: no shards to check (no meta.json entries, no *_train_*.bin files)")
+    progress = Progress(total, count_name="shards")
+    damaged = tokens = 0
+    try:
+        for done, (name, listed) in enumerate(shards, 1):
+            held, problems = verify_shard(shard_path(data_dir, name), vocab_size, listed)
+            for problem in problems:
+                log.error("%s", problem)
+            damaged += bool(problems)
+            tokens += held
+            progress.update(tokens, done)
+    finally:
+        progress.close()
+    if damaged:
+        log.error("%d of %d shards in %s failed verification (lines above): delete them and rerun prepare_data.py "
+                  "with the original flags to rewrite them", damaged, len(shards), data_dir)
+        return 1
+    log.info("verified %d shards (%s tokens) in %s: all intact", len(shards), f"{tokens:,}", data_dir)
+    return 0
+
+
 # ----------------------------------------------------------------------------- progress
 
 
@@ -432,8 +491,9 @@ class Progress:
 
     LOG_EVERY = 10.0  # seconds between plain log lines
 
-    def __init__(self, total: int | None) -> None:
+    def __init__(self, total: int | None, count_name: str = "docs") -> None:
         self.total = total
+        self.count_name = count_name  # what the second number counts
         self.start = time.monotonic()
         self.last_log = self.start
         self.tokens = 0
@@ -445,12 +505,12 @@ class Progress:
             self.bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True, smoothing=0.1)
             self._redirect.enter_context(logging_redirect_tqdm())  # log lines above the bar, not through it
 
-    def update(self, tokens: int, documents: int) -> None:
+    def update(self, tokens: int, count: int) -> None:
         step, self.tokens = tokens - self.tokens, tokens
         if self.bar is not None:
             if self.total and self.bar.total != self.total:
                 self.bar.total = self.total
-            self.bar.set_postfix_str(f"{documents:,} docs", refresh=False)
+            self.bar.set_postfix_str(f"{count:,} {self.count_name}", refresh=False)
             self.bar.update(step)
             return
         now = time.monotonic()
@@ -458,7 +518,8 @@ class Progress:
             self.last_log = now
             rate = tokens / max(now - self.start, 1e-9)
             eta = f", ETA {(self.total - tokens) / rate:.0f}s" if self.total and rate else ""
-            log.info("%s docs, %s tokens, %s tokens/s%s", f"{documents:,}", f"{tokens:,}", f"{rate:,.0f}", eta)
+            log.info("%s %s, %s tokens, %s tokens/s%s", f"{count:,}", self.count_name, f"{tokens:,}", f"{rate:,.0f}",
+                     eta)
 
     def close(self) -> None:
         self._redirect.close()

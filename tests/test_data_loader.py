@@ -15,17 +15,9 @@ import pytest
 import torch
 from runs import REPO, SRC, env
 
-from common.data import (
-    DatasetIndex,
-    ShardedTrainLoader,
-    ValReader,
-    read_meta,
-    read_shard,
-    read_shard_header,
-    write_meta,
-    write_shard,
-)
+from common.data import DatasetIndex, ShardedTrainLoader, ValReader
 from common.errors import UserError
+from common.shards import read_meta, read_shard, read_shard_header, write_meta, write_shard
 
 torch.set_num_threads(1)
 
@@ -359,6 +351,18 @@ def test_val_reader_gives_fixed_windows_split_by_rank(prepared_data: Path) -> No
         ValReader(prepared_data, block_size=block, micro_batch_size=10_000)
 
 
+def test_val_reader_is_built_once_from_an_open_index(tiny: Path) -> None:
+    index = DatasetIndex.open(tiny)
+    (tiny / "train_000001.bin.lz4").unlink()  # a reader given the index does not open the directory again
+    reader = ValReader(index, block_size=T, micro_batch_size=4)
+    (tiny / "val_000000.bin.lz4").unlink()  # its windows were read and checked when it was built
+    first, again = list(reader), list(reader)
+    assert len(first) == len(reader) == (900 - 1) // T // 4
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    with pytest.raises(UserError, match="listed in .*meta.json but missing"):
+        ValReader(tiny, block_size=T, micro_batch_size=4)
+
+
 def test_lz4_and_plain_directories_serve_identical_batches(prepared_data: Path, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -372,6 +376,108 @@ def test_lz4_and_plain_directories_serve_identical_batches(prepared_data: Path, 
 
 
 def test_data_module_does_not_import_torch_for_prepare() -> None:
-    """prepare_data.py imports common.data; torch (seconds to import) must stay out of that path."""
-    code = "import sys, common.data, common.tokenizer; sys.exit('torch' in sys.modules)"
+    """prepare_data.py imports the data modules; torch (seconds to import) must stay out of that path."""
+    code = ("import sys, common.data, common.shards, common.dataset_writer, common.tokenizer; "
+            "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], env=env(), cwd=SRC).returncode == 0
+
+
+# ----------------------------------------------------------------------------- what is trusted
+
+
+META_DAMAGE = {  # case -> (meta.json bytes, or a change to the parsed meta; a fragment of the one-line error)
+    "not_utf8": (b'{"format_version": 1, "tokenizer": "gpt\xff2"}', "not UTF-8 text"),
+    "not_json": (b'{"format_version": 1, "shards": [', "not valid JSON"),
+    "not_an_object": (b"[1, 2, 3]", "holds a list, not an object"),
+    "missing_field": (lambda m: m.pop("vocab_size"), "field 'vocab_size' is missing"),
+    "ill_typed_field": (lambda m: m.update(vocab_size="50257"), "field 'vocab_size' must be a positive integer"),
+    "boolean_count": (lambda m: m.update(expected_train_tokens=True), "field 'expected_train_tokens' must be"),
+    "eot_beyond_vocab": (lambda m: m.update(eot_token=50257), "eot_token 50257 is not below vocab_size"),
+    "shards_not_a_list": (lambda m: m.update(shards={"file": "train_000000.bin.lz4"}), "field 'shards' must be"),
+    "entry_not_an_object": (lambda m: m["shards"].append("train_000009.bin.lz4"), "shards[4] is a string"),
+    "entry_without_split": (lambda m: m["shards"][1].pop("split"), "shards[1]: field 'split' is missing"),
+    "negative_tokens": (lambda m: m["shards"][1].update(tokens=-5), "shards[1]: field 'tokens' must be a token count"),
+    "unknown_split": (lambda m: m["shards"][1].update(split="test"), "shards[1]: field 'split' must be 'train' or"),
+    "bad_sha256": (lambda m: m["shards"][1].update(sha256="abc"), "shards[1]: field 'sha256' must be 64"),
+    "listed_twice": (lambda m: m["shards"].append(dict(m["shards"][1])), "is listed twice"),
+}
+
+
+@pytest.mark.parametrize("case", list(META_DAMAGE))
+def test_malformed_meta_json_is_one_line_naming_the_file(tiny: Path, case: str) -> None:
+    damage, fragment = META_DAMAGE[case]
+    if callable(damage):
+        meta = read_meta(tiny)
+        damage(meta)
+        damage = json.dumps(meta).encode()
+    (tiny / "meta.json").write_bytes(damage)
+    with pytest.raises(UserError) as err:
+        DatasetIndex.open(tiny)
+    message = str(err.value)
+    assert message.startswith(f"{tiny / 'meta.json'}: ") and fragment in message, message
+    assert "\n" not in message and "prepare the data again" in message
+
+
+@pytest.mark.parametrize("how", ["dot_dot", "absolute", "subdirectory", "symlink", "symlink_no_meta"])
+def test_shards_outside_the_data_directory_are_refused(tmp_path: Path, how: str) -> None:
+    data = make_dataset(tmp_path / "data", compress=False, meta=how != "symlink_no_meta")
+    outside = tmp_path / "elsewhere" / "train_000009.bin"
+    outside.parent.mkdir()
+    entry = {**write_shard(outside, np.arange(500, dtype=np.uint16)), "split": "train"}
+    name = {"dot_dot": "../elsewhere/train_000009.bin", "absolute": str(outside),
+            "subdirectory": "elsewhere/train_000009.bin"}.get(how, "train_000009.bin")
+    if how.startswith("symlink"):
+        (data / name).symlink_to(outside)
+    if how == "subdirectory":
+        (data / "elsewhere").symlink_to(outside.parent, target_is_directory=True)
+    if how != "symlink_no_meta":
+        meta = read_meta(data)
+        meta["shards"].append({**entry, "file": name})
+        write_meta(data, meta)
+    with pytest.raises(UserError) as err:
+        DatasetIndex.open(data)
+    message = str(err.value)
+    assert name in message and ("outside" in message or "not a plain file name" in message), message
+
+
+def test_changed_shard_bytes_are_refused_when_the_shard_is_loaded(tmp_path: Path) -> None:
+    plain = make_dataset(tmp_path / "plain", compress=False)
+    for name in ("train_000001.bin", "val_000000.bin"):
+        data = bytearray((plain / name).read_bytes())
+        data[1024 + 2 * 300] ^= 0x01  # token 300 changes; header and size stay intact
+        (plain / name).write_bytes(data)
+    index = DatasetIndex.open(plain)  # the cheap checks at open cannot see it
+    with pytest.raises(UserError, match=r"val_000000\.bin: sha256 \w+\.\.\. differs from the \w+\.\.\. recorded"):
+        ValReader(index, block_size=T, micro_batch_size=4)
+    with pytest.raises(UserError, match=r"train_000001\.bin: sha256 .* delete it and rerun prepare_data"):
+        with ShardedTrainLoader(plain, block_size=T, micro_batch_size=4) as loader:
+            for _ in range(loader.samples_per_epoch // 4 + 1):  # one epoch reads every shard
+                loader.next_batch()
+
+
+def _put_token(directory: Path, name: str, offset: int, token: int) -> None:
+    """Rewrite shard `name` with one token replaced, and meta.json to match (sha256 included)."""
+    tokens = np.array(read_shard(directory / name))
+    tokens[offset] = token
+    meta = read_meta(directory)
+    entry = next(e for e in meta["shards"] if e["file"] == name)
+    entry.update(write_shard(directory / name, tokens))
+    write_meta(directory, meta)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_naming_shard_and_offset(tiny: Path) -> None:
+    _put_token(tiny, "train_000002.bin.lz4", 777, 50300)
+    _put_token(tiny, "val_000000.bin.lz4", 5, 60000)
+    DatasetIndex.open(tiny)
+    expected = r"train_000002\.bin\.lz4: token id 50300 at token offset 777 is outside the vocabulary of {}"
+    for vocab_size, shown in ((50257, 50257), (None, 50257)):  # None: the dataset's own vocabulary
+        with pytest.raises(UserError, match=expected.format(shown)):
+            with ShardedTrainLoader(tiny, block_size=T, micro_batch_size=4, vocab_size=vocab_size) as loader:
+                for _ in range(loader.samples_per_epoch // 4 + 1):
+                    loader.next_batch()
+    with ShardedTrainLoader(tiny, block_size=T, micro_batch_size=4, vocab_size=50304) as loader:
+        for _ in range(loader.samples_per_epoch // 4 + 1):  # 50300 fits a model of 50304 rows
+            loader.next_batch()
+    with pytest.raises(UserError, match=r"val_000000\.bin\.lz4: token id 60000 at token offset 5 .* of 50304"):
+        ValReader(tiny, block_size=T, micro_batch_size=4, vocab_size=50304)
+

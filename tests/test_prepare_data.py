@@ -20,7 +20,8 @@ from conftest import (
     write_corpus,
 )
 
-from common.data import DatasetWriter, read_shard
+from common.dataset_writer import DatasetWriter
+from common.shards import read_shard, write_shard
 from common.tokenizer import get_tokenizer
 
 EOT = 50256
@@ -286,3 +287,108 @@ def test_tokenizer_offline_fallback_and_errors() -> None:
     with pytest.raises(UserError, match="unknown tokenizer 'nope'.*r50k_base"):
         get_tokenizer("nope")
     assert get_tokenizer("gpt-2").n_vocab == 50257  # a model name maps to its encoding
+
+
+# ----------------------------------------------------------------------------- what is trusted
+
+
+def rerun_args(prepared_copy: Path, small_corpus_dir: Path) -> list:
+    """The command that made `prepared_data`, aimed at a copy of it: a rerun that continues it."""
+    return ["--dataset", small_corpus_dir, "--out", prepared_copy, "--shard_tokens", PREPARED_SHARD_TOKENS,
+            "--val_tokens", PREPARED_VAL_TOKENS, "--workers", "1"]
+
+
+def test_rerun_never_writes_outside_out(prepared_copy: Path, small_corpus_dir: Path, tmp_path: Path) -> None:
+    out, args = prepared_copy, rerun_args(prepared_copy, small_corpus_dir)
+    meta = meta_of(out)
+    name = meta["shards"][-1]["file"]
+    (out / name).unlink()  # a missing shard is rewritten by name on the next run
+    for escape in (f"../{name}", str(tmp_path / name)):
+        meta["shards"][-1]["file"] = escape
+        (out / "meta.json").write_text(json.dumps(meta))
+        line = one_line_error(run_prepare(*args))
+        assert "meta.json" in line and escape in line and "not a plain file name" in line, line
+        assert not (tmp_path / name).exists()
+    meta["shards"][-1]["file"] = name
+    (out / "meta.json").write_text(json.dumps(meta))
+    (out / name).symlink_to(tmp_path / "elsewhere" / name)  # dangling: writing through it would escape
+    line = one_line_error(run_prepare(*args))
+    assert name in line and "outside" in line, line
+    assert not (tmp_path / "elsewhere").exists() and (out / name).is_symlink()
+
+
+@pytest.mark.parametrize("damage", [b'{"format_version": 1, "source": "caf\xe9"}', b'{"format_version": 1, '
+                                    b'"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256, "shards": [7]}'])
+def test_malformed_meta_json_stops_a_rerun_with_one_line(prepared_copy: Path, small_corpus_dir: Path,
+                                                         damage: bytes) -> None:
+    (prepared_copy / "meta.json").write_bytes(damage)
+    before = file_ids(prepared_copy)
+    line = one_line_error(run_prepare(*rerun_args(prepared_copy, small_corpus_dir)))
+    assert f"{prepared_copy / 'meta.json'}: " in line and "prepare the data again" in line, line
+    assert file_ids(prepared_copy) == before and (prepared_copy / "meta.json").read_bytes() == damage
+
+
+def test_a_rewritten_shard_gets_the_sha256_of_its_bytes(prepared_copy: Path, small_corpus_dir: Path) -> None:
+    """Another lz4 release may compress the same tokens to other bytes: meta.json must say what is stored."""
+    out, args = prepared_copy, rerun_args(prepared_copy, small_corpus_dir)
+    meta = meta_of(out)
+    entry = meta["shards"][1]
+    (out / entry["file"]).unlink()
+    entry["sha256"] = "0" * 64  # what an older lz4 would have produced
+    (out / "meta.json").write_text(json.dumps(meta))
+    prepare_ok(*args)
+    rewritten = meta_of(out)["shards"][1]
+    assert rewritten["sha256"] == hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest()
+    assert rewritten["tokens_sha256"] == entry["tokens_sha256"]
+
+
+def _flip_token_byte(path: Path, token: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[1024 + 2 * token + 1] ^= 0x01  # the high byte: the id moves by 256, header and size stay intact
+    path.write_bytes(data)
+
+
+def test_verify_passes_intact_data_and_names_every_damaged_shard(prepared_data: Path, plain_data: Path,
+                                                                tmp_path: Path) -> None:
+    proc = run_prepare("--verify", prepared_data)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all intact" in proc.stdout and proc.stderr == ""
+
+    data = Path(shutil.copytree(plain_data, tmp_path / "plain"))
+    names = [e["file"] for e in meta_of(data)["shards"]]
+    assert names[:4] == ["val_000000.bin", "train_000000.bin", "train_000001.bin", "train_000002.bin"]
+    _flip_token_byte(data / "train_000000.bin", 1000)  # other bytes: both hashes differ
+    with open(data / "train_000001.bin", "r+b") as f:  # cut short
+        f.truncate(1024 + 2 * 100)
+    (data / "val_000000.bin").unlink()
+    tokens = np.array(read_shard(data / "train_000002.bin"))
+    tokens[4321] = 60000  # beyond gpt2's 50257 ids, recorded in meta.json as if prepared so
+    meta = meta_of(data)
+    meta["shards"][3].update(write_shard(data / "train_000002.bin", tokens))
+    (data / "meta.json").write_text(json.dumps(meta))
+
+    proc = run_prepare("--verify", data)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    problems = [line for line in proc.stdout.splitlines() if str(data) in line and "failed verification" not in line]
+    expected = {"train_000000.bin": ["sha256", "tokens_sha256"], "train_000001.bin": ["truncated or corrupt"],
+                "val_000000.bin": ["missing"], "train_000002.bin": ["token id 60000 at token offset 4321"]}
+    assert len(problems) == sum(map(len, expected.values())), proc.stdout
+    for name, fragments in expected.items():
+        mine = [line for line in problems if f"{data / name}:" in line]
+        assert len(mine) == len(fragments) and all(f in line for f, line in zip(fragments, mine)), (name, mine)
+    assert "4 of" in proc.stdout and "failed verification" in proc.stdout
+
+    (data / "meta.json").write_text("{")
+    assert "not valid JSON" in one_line_error(run_prepare("--verify", data))
+    assert "without --dataset" in one_line_error(run_prepare("--verify", data, "--dataset", "stdlib"))
+    assert "no such directory" in one_line_error(run_prepare("--verify", tmp_path / "nowhere"))
+
+
+def test_verify_checks_the_lz4_frame(prepared_copy: Path) -> None:
+    path = prepared_copy / "train_000001.bin.lz4"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(data)
+    proc = run_prepare("--verify", prepared_copy)
+    assert proc.returncode == 1 and f"{path}: truncated or corrupt LZ4 shard" in proc.stdout, proc.stdout
