@@ -104,7 +104,7 @@ def test_killed_launcher_leaves_no_worker_and_resume_continues(prepared_data: Pa
     finally:
         kill_tree(proc)
     saved = load_checkpoint(tmp_path / "ckpt" / "latest.pt")
-    assert saved["step"] == max(step_losses(tmp_path / "logs"))
+    assert saved["step"] == max(step_losses(tmp_path / "logs")) < STEPS  # stopped, did not train on alone
     assert "launcher (torchrun) is gone" in (tmp_path / "logs" / "log.txt").read_text()
     _resume_matches(tmp_path, prepared_data, reference, saved["step"])
 
@@ -212,3 +212,22 @@ def test_epochs_sized_horizon_survives_a_grown_dataset(small_corpus_dir: Path, t
           "--resume", "latest")
     final = load_checkpoint(tmp_path / "ckpt" / "final.pt")
     assert final["step"] == planned and final["scheduler"]["max_steps"] == planned
+
+
+def test_damaged_shard_found_mid_run_stops_every_rank_with_one_line(small_corpus_dir: Path, tmp_path: Path) -> None:
+    """A shard whose bytes changed after preparation is refused when the loader first reads it,
+    on whichever rank reads it; the others learn it through the step's agreement."""
+    data = tmp_path / "data"
+    prepare_ok("--dataset", small_corpus_dir, "--out", data, "--val_tokens", "5000", "--max_tokens", "40000",
+               "--shard_tokens", "3000", "--compress", "none")
+    victim = sorted(data.glob("train_*.bin"))[5]
+    raw = bytearray(victim.read_bytes())
+    raw[-100] ^= 0x01  # a token changes; the header and the size stay valid
+    victim.write_bytes(bytes(raw))
+    proc = run(torchrun_cmd("train_improved.py", 2, [*TINY_FLAGS, *run_dirs(tmp_path, data), "--max_steps", "200",
+                                                     "--eval_freq", "1000", "--checkpoint_freq", "1000"]), timeout=300)
+    assert proc.returncode != 0
+    assert f'File "{SRC}' not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count(f"error: {victim}") == 1, proc.stderr[-3000:]
+    beats = json.loads((tmp_path / "logs" / "heartbeat.json").read_text())["ranks"]
+    assert beats["0"]["phase"] == beats["1"]["phase"] == "failed" and beats["0"]["reason"] == beats["1"]["reason"]

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RunFailed, UserError, run_cli
-from .fsutil import atomic_write_bytes, format_bytes, fsync_dir
+from .fsutil import atomic_write_bytes, format_bytes, fsync_dir, sha256_file
 
 if TYPE_CHECKING:  # torch is imported lazily so listing and validation stay fast
     import torch
@@ -86,7 +86,6 @@ _NAME_RE = re.compile(r"^(latest|best|final|step_(\d{8,})|epoch_(\d{3,}))\.(pt|j
 _NAME_ORDER = {"best.pt": 1, "latest.pt": 2, "final.pt": 3}
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _EPOCH_RE = re.compile(r"^epoch_(\d{3,})$")
-_HASH_CHUNK = 8 << 20
 # Errors from os.link that mean "this file system does not do hard links here".
 _NO_LINK_ERRNOS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
 # Keys a resume reads from every checkpoint; a file without them (an export, a foreign file) is refused.
@@ -160,15 +159,6 @@ def _read_sidecar(path: Path) -> tuple[dict | None, str, str]:
     if not isinstance(record, dict):
         return None, BAD_SIDECAR, "sidecar is not a JSON object"
     return record, OK, "ok"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's contents, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _inspect(path: Path, *, full: bool, hashes: dict[tuple[int, ...], str] | None = None,

@@ -124,8 +124,10 @@ class SpikeGuard:
         self.count = torch.zeros((), dtype=torch.long, device=device)  # accepted values held (<= window)
         self.next = torch.zeros((), dtype=torch.long, device=device)  # ring-buffer position
 
-    def decide(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(skip as 0./1., z-scores of [loss, grad norm]); updates the window with accepted steps."""
+    def decide(self, loss: torch.Tensor, grad_norm: torch.Tensor,
+               veto: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(skip as 0./1., z-scores of [loss, grad norm]); updates the window with accepted steps.
+        `veto` > 0 skips the step whatever its values (a rank failed to produce it)."""
         values = torch.stack([loss.float(), grad_norm.float()])
         finite = torch.isfinite(values).all()
         mean = self.history.mean(dim=1)
@@ -134,6 +136,8 @@ class SpikeGuard:
         z = torch.where(torch.isfinite(values), (values - mean) / std, torch.zeros_like(values))
         spike = (z > self.zscore).any() & (self.count >= self.window) if self.zscore > 0 else torch.zeros_like(finite)
         skip = (~finite | spike).float()
+        if veto is not None:
+            skip = torch.maximum(skip, (veto > 0).float())
         accept = 1 - skip
         column = self.history[:, self.next]
         self.history[:, self.next] = torch.where(accept.bool(), torch.nan_to_num(values), column)

@@ -9,13 +9,14 @@ Nothing here imports torch or numpy.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text", "format_bytes"]
+__all__ = ["fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text", "format_bytes", "sha256_file"]
 
 # fsync() of a directory fails with these where the platform or file system does not support it
 # (some network and FUSE file systems, Windows-like layers); the rename is as durable as it gets.
@@ -108,3 +109,12 @@ def atomic_write_text(
     """`atomic_write` of `text` encoded with `encoding`, no newline translation (the keywords as for
     `atomic_write`)."""
     atomic_write_bytes(path, text.encode(encoding), tmp_dir=tmp_dir, tmp_name=tmp_name, durable=durable)
+
+
+def sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
+    """Hex sha256 of a file as stored (what `sha256sum` prints), read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -26,7 +26,7 @@ import lz4.frame
 import numpy as np
 
 from common.errors import UserError
-from common.fsutil import atomic_write_bytes
+from common.fsutil import atomic_write_bytes, sha256_file
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -45,7 +45,6 @@ GPT2_TOKENIZER = "gpt2"
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
 
-_HASH_CHUNK = 1 << 22
 
 
 # ----------------------------------------------------------------------------- names
@@ -106,15 +105,6 @@ def shard_bytes(tokens: np.ndarray) -> bytes:
 def tokens_sha256(tokens: np.ndarray) -> str:
     """Hash of the token bytes alone: the same for the .bin and .bin.lz4 form of a shard."""
     return hashlib.sha256(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file as stored (what `sha256sum` prints)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> dict[str, Any]:
@@ -233,7 +223,7 @@ def check_file_sha256(path: Path, expected: str | None) -> None:
     if expected is None:
         return
     try:
-        actual = file_sha256(path)
+        actual = sha256_file(path)
     except OSError as err:
         raise _unreadable(path, err) from None
     if actual != expected:

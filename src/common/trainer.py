@@ -156,9 +156,9 @@ class Trainer:
                             f"{cfg.vocab_size}; set --vocab_size {self.index.vocab_size}")
         self.grad_accum = gradient_accumulation_steps(cfg, ctx.world_size)
         # Built once, now: a data directory without validation windows is refused before any step.
-        self.val_reader = ValReader(cfg.data_dir, block_size=cfg.block_size, micro_batch_size=cfg.batch_size,
+        self.val_reader = ValReader(self.index, block_size=cfg.block_size, micro_batch_size=cfg.batch_size,
                                     rank=ctx.rank, world_size=ctx.world_size, max_batches=cfg.eval_batches,
-                                    device=ctx.device) if cfg.eval_freq else None
+                                    device=ctx.device, vocab_size=cfg.vocab_size) if cfg.eval_freq else None
 
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.raw_model = spec.build(GPTConfig.from_train_config(cfg)).to(ctx.device)
@@ -167,7 +167,7 @@ class Trainer:
         self.loader = ShardedTrainLoader(cfg.data_dir, block_size=cfg.block_size,
                                          micro_batch_size=cfg.batch_size, grad_accum_steps=self.grad_accum,
                                          rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
-                                         device=ctx.device)
+                                         device=ctx.device, vocab_size=cfg.vocab_size, ctx=ctx)
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep_rolling=cfg.keep_rolling, keep_epoch=cfg.keep_epoch,
                                          async_save=cfg.async_checkpoint, enabled=ctx.is_main)
         self.guard = SpikeGuard(zscore=cfg.spike_zscore, window=cfg.spike_window, device=ctx.device)
@@ -185,7 +185,7 @@ class Trainer:
         self.latest_saved_step: int | None = None
         self.last_good: tuple[str, int] | None = None  # (checkpoint, step) to name when the run fails
         self.stopping = False
-        self._failure: str | None = None  # this rank's failure to share with the others
+        self._failure: tuple[str, str] | None = None  # ("user" | "failed", line) to share with the others
         self._epochs_before_step = 0
         self._rng_to_restore: dict[str, Any] | None = None
         if plan.checkpoint is not None:
@@ -411,7 +411,7 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.ctx.device)
         for micro in range(self.grad_accum):
-            x, y = self.loader.next_batch()
+            x, y = self._next_batch()
             # Gradients are all-reduced only on the last micro-step.
             last = micro == self.grad_accum - 1
             sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.model.no_sync()
@@ -429,7 +429,8 @@ class Trainer:
         failure = self._local_failure()
         agreed = self.agreement.reduce(loss_sum / self.grad_accum, grad_norm, stop=self.shutdown.requested,
                                        failed=failure is not None)
-        skip, z = self.guard.decide(agreed.loss, agreed.grad_norm)
+        # A failure on any rank vetoes the step; every rank stops with its reason one step later.
+        skip, z = self.guard.decide(agreed.loss, agreed.grad_norm, veto=agreed.failed)
         self.optimizer.found_inf = skip  # fused AdamW: a skipped step changes no weight, moment or count
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -440,12 +441,26 @@ class Trainer:
                                          "tokens": self.tokens_seen, "epoch": self.loader.epoch_progress(),
                                          **memory_stats(self.ctx.device)})
 
-    def _local_failure(self) -> str | None:
-        """A failure this rank must report to the others (a failed background checkpoint write)."""
-        try:
-            self.checkpointer.check_failed()
-        except RunFailed as err:
-            self._failure = str(err)
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch. A damaged shard (a UserError from the loader) does not end
+        this rank alone, leaving the others in a collective: it is reported through the step's
+        agreement, and a batch of zeros keeps the ranks in step until they stop together."""
+        if self._failure is None:
+            try:
+                return self.loader.next_batch()
+            except UserError as err:
+                self._failure = ("user", str(err))
+        zeros = torch.zeros(self.cfg.batch_size, self.cfg.block_size, dtype=torch.long, device=self.ctx.device)
+        return zeros, zeros
+
+    def _local_failure(self) -> tuple[str, str] | None:
+        """A failure this rank must report to the others (a damaged shard, a failed background
+        checkpoint write)."""
+        if self._failure is None:
+            try:
+                self.checkpointer.check_failed()
+            except RunFailed as err:
+                self._failure = ("failed", str(err))
         return self._failure
 
     # -- the host's side, one step late -------------------------------------------------------
@@ -501,8 +516,9 @@ class Trainer:
             self.shutdown.announce(local=self.shutdown.requested)
 
     def _fail_together(self) -> None:
-        messages = [m for m in all_gather_objects(self._failure, self.ctx) if m]
-        raise RunFailed(messages[0] if messages else "another rank failed")
+        failures = [f for f in all_gather_objects(self._failure, self.ctx) if f]
+        kind, message = failures[0] if failures else ("failed", "another rank failed")
+        raise (UserError if kind == "user" else RunFailed)(message)
 
     def _rollback(self) -> None:
         """Back to the newest valid checkpoint from before the skips; the data stays where it is."""
@@ -668,7 +684,7 @@ def train(cfg: TrainConfig, make_spec: Callable[[Any, DistContext], ModelSpec],
         log_to_file(Path(plan.cfg.log_dir))  # a resumed run logs where it did before
         trainer = Trainer(plan, ctx, make_spec)
         return trainer.run()
-    except RunFailed as err:
+    except (RunFailed, UserError) as err:
         if trainer is not None:  # monitors (and tests) see on every rank why it ended
             trainer.heartbeat.beat(trainer.step, "failed", reason=str(err))
         raise
