@@ -4,13 +4,11 @@ they write: the trainer's LOG_DIR/metrics.jsonl, the bare loop's JSON. Nothing i
 Per process the driver records its peak RSS (os.wait4) and the machine's load while it ran: the
 CPU time of the whole machine (/proc/stat) minus the process's own, in cores.
 
-Trainer figures come from the metrics.jsonl step rows, which must carry `step`, `time` (wall
-clock when the step's row was written), `tokens` (tokens seen so far) and, optionally,
-`step_time` (the step's own seconds). The window is from the row of step `after_step + warmup`
-to the last row, so evaluations, checkpoint stalls and all else between steps count. The time
-between two rows is split into quiet intervals and intervals holding an event (an evaluation
-or a checkpoint, every `event_freq` steps): an event's cost is its interval's excess over the
-quiet seconds per step. Rows may be sparse (every N steps); the figures hold.
+The trainer's figures come from its metrics.jsonl step rows, one per step, each with `step`,
+`time` (wall clock when the row was written, before that step's evaluation and checkpoint),
+`tokens` (tokens seen so far) and `step_time` (the step's own seconds, without the evaluation
+and checkpoint after the previous step). Its rate runs from the row of step `after_step + warmup`
+to the last row, so whatever happens between steps counts.
 """
 from __future__ import annotations
 
@@ -92,15 +90,14 @@ def bare_run(flags: Sequence[str], warmup: int, run_dir: Path, peak_n: int, load
     steps = raw["step_s"][warmup:]
     seconds = sum(steps)
     tokens_per_sec = raw["tokens_per_step"] * len(steps) / seconds
-    peak = statistics.median(raw["peak_flops"])
     return {
         "process": process, "device": raw["device"], "torch": raw["torch"], "threads": raw["threads"],
         "precision": raw["precision"], "params": raw["params"], "flops_per_token": raw["flops_per_token"],
         "tokens_per_step": raw["tokens_per_step"], "steps": len(steps), "seconds": seconds,
-        "step_s": seconds / len(steps), "tokens_per_sec": tokens_per_sec,
+        "step_s": seconds / len(steps), "step_median_s": statistics.median(steps), "tokens_per_sec": tokens_per_sec,
         "loader_share": sum(raw["loader_s"][warmup:]) / seconds,
         "loader_tokens_per_sec": raw["loader_tokens"] / raw["loader_alone_s"],
-        "peak_flops": peak, "mfu": raw["flops_per_token"] * tokens_per_sec / peak,
+        "peak_flops": statistics.median(raw["peak_flops"]),
         "cuda_peak_allocated_mb": raw["cuda_peak_allocated_mb"],
     }
 
@@ -114,7 +111,7 @@ def read_rows(log_dir: Path) -> list[dict[str, Any]]:
 
 
 def step_window(rows: Sequence[dict[str, Any]], event_freq: int) -> dict[str, Any]:
-    """Tokens/s over consecutive step rows, and the seconds an evaluation or checkpoint adds.
+    """Tokens/s over consecutive step rows, the median step, and what an evaluation or checkpoint adds.
 
     The time between the rows of steps k and k+1 is step k+1's own `step_time` plus a gap: the
     rest of step k's logging and the evaluation and checkpoint due after step k, if any. An
@@ -124,17 +121,23 @@ def step_window(rows: Sequence[dict[str, Any]], event_freq: int) -> dict[str, An
     if [r["step"] for r in rows] != list(range(first["step"], last["step"] + 1)):
         raise ValueError("metrics.jsonl must hold one row per step")
     steps, seconds = last["step"] - first["step"], last["time"] - first["time"]
-    gaps = {a["step"]: b["time"] - a["time"] - b["step_time"] for a, b in pairwise(rows)}
-    quiet = statistics.median(gap for step, gap in gaps.items() if step % event_freq)
-    extra = [gap - quiet for step, gap in gaps.items() if step % event_freq == 0]
+    quiet, gaps, extra = [], [], []
+    for a, b in pairwise(rows):
+        gap = b["time"] - a["time"] - b["step_time"]
+        if a["step"] % event_freq:
+            quiet.append(b["time"] - a["time"])
+            gaps.append(gap)
+        else:
+            extra.append(gap)
+    quiet_gap = statistics.median(gaps)
     return {
         "steps": steps,
         "seconds": seconds,
         "step_s": seconds / steps,
         "tokens_per_sec": (last["tokens"] - first["tokens"]) / seconds,
+        "step_median_s": statistics.median(quiet),
         "events": len(extra),
-        "event_s": statistics.mean(extra) if extra else None,
-        "step_s_without_events": (seconds - sum(extra)) / steps,
+        "event_s": statistics.mean(extra) - quiet_gap if extra else None,
     }
 
 

@@ -9,7 +9,7 @@ repeats (A B, B A, ...), and reports per-round ratios, medians and their spread.
 trainer overhead against the bare loop (at the bench's evaluation and checkpoint frequency and at
 the presets'), MFU against a measured matmul peak, data loader throughput, checkpoint stall async
 against sync, launch to first step fresh against resumed, peak memory. `--quick` runs them all in
-reduced size (about a minute on 2 idle cores).
+reduced size (one to two minutes on 2 CPU cores; the full run 10 to 15).
 """
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ from measure import REPO, spread
 PRESET_FREQ = 250  # eval_freq and checkpoint_freq of configs/base.json, which the presets extend
 OVERHEAD_TARGET_PCT = 2.0
 LOADER_SHARE_TARGET_PCT = 1.0
+# One thread per process in --quick: with two or more, every parallel region waits for its slowest
+# thread, and on a machine that others load, a descheduled thread stalls a short step many times over.
 QUICK_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--batch_size", "2",
-               "--total_batch_size", "64"]
+               "--total_batch_size", "64", "--cpu_threads", "1"]
 SMALL_BATCH = ["--block_size", "64", "--batch_size", "1", "--total_batch_size", "64"]  # a save's cost, fast steps
 
 # Steps are optimizer steps; the first `warmup` are left out of every rate. The overhead window
@@ -46,10 +48,10 @@ MODES: dict[str, dict[str, Any]] = {
         "eval_batches": 4, "sample_tokens": 64, "peak_n": 2048, "loader_batches": 2000,
         "checkpoint_models": [("the overhead model", SMALL_BATCH),
                               ("~25M", ["--n_layer", "4", "--n_head", "6", "--n_embd", "384", *SMALL_BATCH])],
-        "checkpoint_steps": 22, "checkpoint_freq": 5, "checkpoint_repeats": 2, "prepare_tokens": 3_000_000,
+        "checkpoint_steps": 32, "checkpoint_freq": 10, "checkpoint_repeats": 2, "prepare_tokens": 3_000_000,
     },
     "quick": {
-        "model": QUICK_MODEL, "steps": 8, "warmup": 2, "event_freq": 3, "repeats": 2, "resume_steps": 2,
+        "model": QUICK_MODEL, "steps": 16, "warmup": 2, "event_freq": 7, "repeats": 2, "resume_steps": 2,
         "eval_batches": 2, "sample_tokens": 8, "peak_n": 1024, "loader_batches": 300,
         "checkpoint_models": [("the overhead model", [])],
         "checkpoint_steps": 8, "checkpoint_freq": 3, "checkpoint_repeats": 2, "prepare_tokens": 1_000_000,
@@ -65,27 +67,40 @@ def overhead_section(mode: dict[str, Any], model_flags: list[str], work: Path) -
                 "--async_checkpoint", "true", "--eval_batches", str(mode["eval_batches"]),
                 "--sample_tokens", str(mode["sample_tokens"]), "--histogram_freq", "0"]
     run_flags = [*model_flags, "--max_steps", str(steps)]
+    resume_flags = [*model_flags, "--max_steps", str(steps + mode["resume_steps"]), *features]
+    resumed: dict[int, dict[str, Any]] = {}
+
+    def trainer_then_resumed(i: int) -> dict[str, Any]:
+        fresh = measure.trainer_run([*run_flags, *features], work / f"trainer_{i}", "fresh", warmup=warmup,
+                                    event_freq=freq)
+        resumed[i] = measure.trainer_run(resume_flags, work / f"trainer_{i}", "resumed", after_step=steps,
+                                         extra=["--resume", "latest"])
+        return fresh
+
     rounds = measure.alternate([
         ("bare", lambda i: measure.bare_run(run_flags, warmup, work / f"bare_{i}", mode["peak_n"],
                                             mode["loader_batches"])),
-        ("trainer", lambda i: measure.trainer_run([*run_flags, *features], work / f"trainer_{i}", "fresh",
-                                                  warmup=warmup, event_freq=freq)),
+        ("trainer", trainer_then_resumed),
     ], mode["repeats"])
     for i, r in enumerate(rounds):
-        r["resumed"] = measure.trainer_run(
-            [*model_flags, "--max_steps", str(steps + mode["resume_steps"]), *features], work / f"trainer_{i}",
-            "resumed", after_step=steps, extra=["--resume", "latest"])
+        r["resumed"] = resumed[i]
     return summarize_overhead(rounds, features, mode)
 
 
 def summarize_overhead(rounds: list[dict[str, Any]], features: list[str], mode: dict[str, Any]) -> dict[str, Any]:
+    """Per round: the end-to-end overhead (window means, bursts of machine load included) and the
+    overhead of the median step plus the events' extra seconds spread over their frequency."""
+    def per_step(r: dict[str, Any], freq: int) -> float:
+        t = r["trainer"]
+        return 100 * ((t["step_median_s"] + t["event_s"] / freq) / r["bare"]["step_median_s"] - 1)
+
     for r in rounds:
-        bare_s, t = r["bare"]["step_s"], r["trainer"]
-        r["overhead_pct"] = 100 * (t["step_s"] / bare_s - 1)
-        r["preset_overhead_pct"] = 100 * ((t["step_s_without_events"] + t["event_s"] / PRESET_FREQ) / bare_s - 1)
+        r["end_to_end_pct"] = 100 * (r["trainer"]["step_s"] / r["bare"]["step_s"] - 1)
+        r["overhead_pct"], r["preset_overhead_pct"] = per_step(r, mode["event_freq"]), per_step(r, PRESET_FREQ)
     return {"features": features, "steps": mode["steps"], "warmup": mode["warmup"], "event_freq": mode["event_freq"],
-            "preset_freq": PRESET_FREQ, "rounds": rounds, "overhead_pct": spread([r["overhead_pct"] for r in rounds]),
-            "preset_overhead_pct": spread([r["preset_overhead_pct"] for r in rounds]),
+            "preset_freq": PRESET_FREQ, "rounds": rounds,
+            **{key: spread([r[key] for r in rounds]) for key in ("end_to_end_pct", "overhead_pct",
+                                                                 "preset_overhead_pct")},
             "event_s": spread([r["trainer"]["event_s"] for r in rounds])}
 
 

@@ -34,14 +34,14 @@ def _process(rss: float) -> dict[str, Any]:
 def _bare(step_s: float) -> dict[str, Any]:
     return {"process": _process(600.0), "device": "cpu", "torch": "2.13.0+cpu", "threads": 2, "precision": "fp32",
             "params": 1_600_000, "flops_per_token": 9.7e6, "tokens_per_step": 64, "steps": 5, "seconds": 5 * step_s,
-            "step_s": step_s, "tokens_per_sec": 64 / step_s, "loader_share": 0.0004, "loader_tokens_per_sec": 2e6,
-            "peak_flops": 1.2e11, "cuda_peak_allocated_mb": None}
+            "step_s": step_s, "step_median_s": step_s, "tokens_per_sec": 64 / step_s, "loader_share": 0.0004,
+            "loader_tokens_per_sec": 2e6, "peak_flops": 1.2e11, "cuda_peak_allocated_mb": None}
 
 
 def _trainer(step_s: float, event_s: float) -> dict[str, Any]:
     return {"process": _process(650.0), "steps": 5, "seconds": 5 * step_s, "step_s": step_s,
-            "tokens_per_sec": 64 / step_s, "events": 2, "event_s": event_s,
-            "step_s_without_events": step_s - 2 * event_s / 5, "first_row_step": 1, "launch_to_first_row_s": 4.2,
+            "tokens_per_sec": 64 / step_s, "step_median_s": step_s - event_s / 2, "events": 2,
+            "event_s": event_s, "first_row_step": 1, "launch_to_first_row_s": 4.2,
             "first_step_s": 0.2, "startup_s": 4.0, "cuda_peak_allocated_mb": None, "checkpoint_mb": 19.5}
 
 
@@ -86,7 +86,7 @@ def test_step_window_splits_steps_from_events() -> None:
     assert figures["steps"] == 4 and figures["events"] == 1
     assert figures["event_s"] == pytest.approx(0.30)
     assert figures["tokens_per_sec"] == pytest.approx(4 * 64 / (4 * 0.11 + 0.30))
-    assert figures["step_s_without_events"] == pytest.approx(0.11)
+    assert figures["step_median_s"] == pytest.approx(0.11)
     with pytest.raises(ValueError, match="one row per step"):
         measure.step_window(rows[::2], event_freq=4)
 
@@ -103,8 +103,10 @@ def test_report_has_every_section_and_rejects_malformed_figures() -> None:
     results = canned_results()
     text = report.render(results)
     check_report(text)
-    assert "| 1 | bare trainer | 640 | 582 | 0.909 | 10.0% | 2.1% | 0.25 / 0.25 |" in text  # per-round ratios
-    assert results["overhead"]["preset_overhead_pct"]["median"] < results["overhead"]["overhead_pct"]["median"]
+    assert "| 1 | bare trainer | 640 | 582 | 10.0% | 10.0% | 0.1% | 0.25 / 0.25 |" in text  # per-round figures
+    ov = results["overhead"]
+    assert ov["preset_overhead_pct"]["median"] < ov["overhead_pct"]["median"]
+    assert ov["overhead_pct"]["median"] == pytest.approx(ov["end_to_end_pct"]["median"])  # canned: no noise
 
     broken = copy.deepcopy(results)
     broken["checkpoints"][0]["sync_stall_s"]["median"] = math.nan
