@@ -173,9 +173,6 @@ SECTIONS: tuple[tuple[str, Callable[[Results], str]], ...] = (
     ("## 6. Peak memory", _memory),
     ("## Targets", _targets),
 )
-HEADINGS = tuple(heading for heading, _ in SECTIONS)
-
-
 def render(r: Results) -> str:
     body = "\n".join(f"{heading}\n\n{section(r)}" for heading, section in SECTIONS)
     return f"""\

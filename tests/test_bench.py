@@ -69,11 +69,17 @@ def canned_results(rounds: list[dict[str, Any]] | None = None, mode: dict[str, A
     return results
 
 
+# The sections docs/BENCHMARKS.md must have, in order (issues 11 and 16).
+HEADINGS = ("## How it was run", "## 1. Trainer overhead", "## 2. MFU", "## 3. Data loader", "## 4. Checkpoint stall",
+            "## 5. Launch to first step", "## 6. Peak memory", "## Targets")
+
+
 def check_report(text: str) -> None:
-    positions = [text.find(heading) for heading in report.HEADINGS]
-    assert all(p >= 0 for p in positions), [h for h, p in zip(report.HEADINGS, positions) if p < 0]
+    positions = [text.find(heading) for heading in HEADINGS]
+    assert all(p >= 0 for p in positions), [h for h, p in zip(HEADINGS, positions) if p < 0]
     assert positions == sorted(positions), "sections out of order"
     assert not re.search(r"(?<![A-Za-z])(nan|inf|None)(?![A-Za-z])", text), "a figure came out malformed"
+    assert "every 250 steps" in text  # the overhead at the presets' frequency beside the bench's
 
 
 def test_step_window_splits_steps_from_events() -> None:
