@@ -93,7 +93,6 @@ def run(cfg: TrainConfig, warmup: int, peak_n: int, loader_batches: int) -> dict
         "params": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token(model.num_params(), cfg.n_layer, cfg.n_embd, cfg.block_size),
         "tokens_per_step": cfg.total_batch_size,
-        "warmup": warmup,
         "step_s": step_s,
         "loader_s": loader_s,
         "peak_flops": peaks,

@@ -121,23 +121,22 @@ def step_window(rows: Sequence[dict[str, Any]], event_freq: int) -> dict[str, An
     if [r["step"] for r in rows] != list(range(first["step"], last["step"] + 1)):
         raise ValueError("metrics.jsonl must hold one row per step")
     steps, seconds = last["step"] - first["step"], last["time"] - first["time"]
-    quiet, gaps, extra = [], [], []
+    quiet_intervals, quiet_gaps, event_gaps = [], [], []
     for a, b in pairwise(rows):
         gap = b["time"] - a["time"] - b["step_time"]
         if a["step"] % event_freq:
-            quiet.append(b["time"] - a["time"])
-            gaps.append(gap)
+            quiet_intervals.append(b["time"] - a["time"])
+            quiet_gaps.append(gap)
         else:
-            extra.append(gap)
-    quiet_gap = statistics.median(gaps)
+            event_gaps.append(gap)
     return {
         "steps": steps,
         "seconds": seconds,
         "step_s": seconds / steps,
         "tokens_per_sec": (last["tokens"] - first["tokens"]) / seconds,
-        "step_median_s": statistics.median(quiet),
-        "events": len(extra),
-        "event_s": statistics.mean(extra) - quiet_gap if extra else None,
+        "step_median_s": statistics.median(quiet_intervals),
+        "events": len(event_gaps),
+        "event_s": statistics.mean(event_gaps) - statistics.median(quiet_gaps) if event_gaps else None,
     }
 
 
@@ -151,14 +150,13 @@ def trainer_run(flags: Sequence[str], run_dir: Path, name: str, *, event_freq: i
     rows = [r for r in read_rows(log_dir) if r["step"] > after_step]
     first = rows[0]
     to_first_row = first["time"] - process["launch_unix"]
-    first_step_s = first.get("step_time")
     return {
         "process": process,
         **(step_window([r for r in rows if r["step"] >= after_step + warmup], event_freq) if event_freq else {}),
         "first_row_step": first["step"],
         "launch_to_first_row_s": to_first_row,
-        "first_step_s": first_step_s,
-        "startup_s": to_first_row - first_step_s if first_step_s is not None else None,
+        "first_step_s": first["step_time"],
+        "startup_s": to_first_row - first["step_time"],
         "cuda_peak_allocated_mb": max((r["mem_allocated_mb"] * 2**20 / MB for r in rows if "mem_allocated_mb" in r),
                                       default=None),
         "checkpoint_mb": (run_dir / "ckpt" / "latest.pt").stat().st_size / MB,
