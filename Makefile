@@ -24,14 +24,14 @@ else
   TORCH_INDEX :=
 endif
 
-.PHONY: help setup data train test lint bench bench-quick tensorboard checkpoints resume clean-venv
+.PHONY: help setup data train test lint bench tensorboard checkpoints resume clean-venv
 
 help:
 	@echo "make train        set up, prepare the default data, train the tiny model with torchrun"
 	@echo "make test         run the linter and the test suite"
 	@echo "make setup        create $(VENV) with torch $(TORCH_VERSION) ($(if $(HAS_NVIDIA),CUDA,CPU) build) and the project"
 	@echo "make data         prepare the embedded stdlib corpus into $(DATA_DIR)"
-	@echo "make bench        measure overheads and throughput, write docs/BENCHMARKS.md"
+	@echo "make bench        the trainer against a bare loop, side by side, into docs/BENCHMARKS.md (ARGS=--quick)"
 	@echo "make tensorboard  start TensorBoard on logs/ and print the SSH tunnel line"
 	@echo "make checkpoints  list checkpoints with step, val loss and validity"
 	@echo "make resume       resume the last run (ARGS='--max_steps 2000' to pass flags)"

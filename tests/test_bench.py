@@ -1,53 +1,138 @@
-"""`make bench ARGS=--quick` end to end: the report and the JSON come out with every section.
+"""The bench (`make bench`): its arithmetic on metrics.jsonl rows, its report on canned results,
+and one tiny real measurement (bare loop, trainer, resumed trainer) through the same code.
 
 Never asserts a speed: the figures depend on the machine and on what else runs on it.
 """
 from __future__ import annotations
 
-import json
+import copy
+import math
 import re
-import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-import report  # noqa: E402  (bench/report.py: the headings every report has)
+import measure  # noqa: E402
+import report  # noqa: E402
+import run_bench  # noqa: E402
 
-JSON_SECTIONS = {
-    "machine": ("cpu_model", "logical_cpus", "torch", "device", "load_average_start", "load_average_end"),
-    "trainer_overhead": ("bare_tokens_per_sec", "trainer_tokens_per_sec", "overhead_pct_paired_median",
-                         "attribution", "runs"),
-    "hardware": ("tiny", "m25", "threads"),
-    "data": ("prepare", "loader", "loader_share_pct"),
-    "checkpoints": ("stall", "resume"),
-    "memory": ("tiny_bare_peak_rss_mb", "tiny_trainer_peak_rss_mb", "m25_bare_peak_rss_mb"),
-    "compile": (),
-    "targets": (),
-}
+MODE = {"steps": 6, "warmup": 1, "event_freq": 2, "repeats": 1, "resume_steps": 1, "eval_batches": 1,
+        "sample_tokens": 2, "peak_n": 64, "loader_batches": 20,
+        "model": ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "2",
+                  "--total_batch_size", "64", "--cpu_threads", "1"]}
 
 
-def test_quick_bench_writes_report_and_json(tmp_path: Path, prepared_data: Path) -> None:
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run_bench.py"), "--quick", "--out", str(out),
-         "--data_dir", str(prepared_data), "--work_dir", str(tmp_path / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"run_bench.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+def _process(rss: float) -> dict[str, Any]:
+    return {"launch_unix": 1e9, "wall_s": 9.0, "peak_rss_mb": rss, "other_load_cores": 0.25}
 
-    results = json.loads((out / "benchmarks.json").read_text())
-    assert results["mode"] == "quick"
-    for section, keys in JSON_SECTIONS.items():
-        assert section in results, f"benchmarks.json lacks {section}"
-        for key in keys:
-            assert key in results[section], f"benchmarks.json: {section} lacks {key}"
-    assert len(results["checkpoints"]["stall"]) == 2  # ~100 MB and ~500 MB
-    assert results["resume"] and results["resume"][0]["launch_to_first_step_s"] > 0
-    assert {t["target"] for t in results["targets"]}  # every target is listed, met or not
 
-    text = (out / "BENCHMARKS.md").read_text()
-    positions = [text.find(heading) for heading in report.SECTIONS]
-    assert all(p >= 0 for p in positions), [h for h, p in zip(report.SECTIONS, positions) if p < 0]
+def _bare(step_s: float) -> dict[str, Any]:
+    return {"process": _process(600.0), "device": "cpu", "torch": "2.13.0+cpu", "threads": 2, "precision": "fp32",
+            "params": 1_600_000, "flops_per_token": 9.7e6, "tokens_per_step": 64, "steps": 5, "seconds": 5 * step_s,
+            "step_s": step_s, "step_median_s": step_s, "tokens_per_sec": 64 / step_s, "loader_share": 0.0004,
+            "loader_tokens_per_sec": 2e6, "peak_flops": 1.2e11, "cuda_peak_allocated_mb": None}
+
+
+def _trainer(step_s: float, event_s: float) -> dict[str, Any]:
+    return {"process": _process(650.0), "steps": 5, "seconds": 5 * step_s, "step_s": step_s,
+            "tokens_per_sec": 64 / step_s, "step_median_s": step_s - event_s / 2, "events": 2,
+            "event_s": event_s, "first_row_step": 1, "launch_to_first_row_s": 4.2,
+            "first_step_s": 0.2, "startup_s": 4.0, "cuda_peak_allocated_mb": None, "checkpoint_mb": 19.5}
+
+
+def canned_results(rounds: list[dict[str, Any]] | None = None, mode: dict[str, Any] = MODE) -> dict[str, Any]:
+    """Results as run_bench.main assembles them, from canned (or given) processes' figures."""
+    if rounds is None:
+        rounds = [{"order": "bare trainer", "bare": _bare(0.10), "trainer": _trainer(0.11, 0.02),
+                   "resumed": _trainer(0.10, 0.0)},
+                  {"order": "trainer bare", "bare": _bare(0.12), "trainer": _trainer(0.12, 0.01),
+                   "resumed": _trainer(0.10, 0.0)}]
+    ov = run_bench.summarize_overhead(rounds, ["--use_tensorboard", "true"], mode)
+    ckpt_rounds = [{"order": "async sync", "async": _trainer(0.1, 0.01), "sync": _trainer(0.12, 0.2)}]
+    results = {
+        "command": "bench/run_bench.py --quick", "mode": "quick", "config": "configs/tiny_cpu.json",
+        "date": "2026-01-01T00:00:00+00:00", "duration_s": 60.0,
+        "machine": {"cpu_model": "a CPU", "logical_cpus": 2, "usable_cpus": 2, "memory_gb": 24.0, "platform": "Linux",
+                    "python": "3.11", "git_commit": "abc1234", "load_average_start": [0.5, 0.5, 0.5],
+                    "load_average_end": [1.0, 0.7, 0.6], "device": "cpu", "torch": "2.13.0+cpu",
+                    "other_load_cores": measure.spread([0.1, 0.3])},
+        "data": {"dir": "data/stdlib", "train_tokens": 1_000_000, "prepared_now": False},
+        "overhead": ov, **run_bench.derived_sections(ov, mode),
+        "checkpoints": [run_bench.summarize_checkpoints("the overhead model", [], 3, ckpt_rounds)],
+    }
+    results["targets"] = run_bench.targets(results)
+    return results
+
+
+# The sections docs/BENCHMARKS.md must have, in order (issues 11 and 16).
+HEADINGS = ("## How it was run", "## 1. Trainer overhead", "## 2. MFU", "## 3. Data loader", "## 4. Checkpoint stall",
+            "## 5. Launch to first step", "## 6. Peak memory", "## Targets")
+
+
+def check_report(text: str) -> None:
+    positions = [text.find(heading) for heading in HEADINGS]
+    assert all(p >= 0 for p in positions), [h for h, p in zip(HEADINGS, positions) if p < 0]
     assert positions == sorted(positions), "sections out of order"
-    assert not re.search(r"(?<![A-Za-z])nan(?![A-Za-z])", text), "a figure came out as nan"
+    assert not re.search(r"(?<![A-Za-z])(nan|inf|None)(?![A-Za-z])", text), "a figure came out malformed"
+    assert "every 250 steps" in text  # the overhead at the presets' frequency beside the bench's
+
+
+def test_step_window_splits_steps_from_events() -> None:
+    """Rows 2..6, 64 tokens a step, each step 0.1 s, 0.01 s between steps, 0.31 s after step 4."""
+    rows, t = [], 100.0
+    for step in range(2, 7):
+        t += 0.1 + (0.01 if step != 5 else 0.31)
+        rows.append({"step": step, "time": t, "tokens": 64 * step, "step_time": 0.1})
+    figures = measure.step_window(rows, event_freq=4)
+    assert figures["steps"] == 4 and figures["events"] == 1
+    assert figures["event_s"] == pytest.approx(0.30)
+    assert figures["tokens_per_sec"] == pytest.approx(4 * 64 / (4 * 0.11 + 0.30))
+    assert figures["step_median_s"] == pytest.approx(0.11)
+    with pytest.raises(ValueError, match="one row per step"):
+        measure.step_window(rows[::2], event_freq=4)
+
+
+def test_alternate_reverses_the_order_every_other_round() -> None:
+    calls: list[str] = []
+    rounds = measure.alternate([("a", lambda i: calls.append(f"a{i}") or {}),
+                                ("b", lambda i: calls.append(f"b{i}") or {})], 3)
+    assert calls == ["a0", "b0", "b1", "a1", "a2", "b2"]
+    assert [r["order"] for r in rounds] == ["a b", "b a", "a b"]
+
+
+def test_report_has_every_section_and_rejects_malformed_figures() -> None:
+    results = canned_results()
+    text = report.render(results)
+    check_report(text)
+    assert "| 1 | bare trainer | 640 | 582 | 10.0% | 10.0% | 0.1% | 0.25 / 0.25 |" in text  # per-round figures
+    ov = results["overhead"]
+    assert ov["preset_overhead_pct"]["median"] < ov["overhead_pct"]["median"]
+    assert ov["overhead_pct"]["median"] == pytest.approx(ov["end_to_end_pct"]["median"])  # canned: no noise
+
+    broken = copy.deepcopy(results)
+    broken["checkpoints"][0]["sync_stall_s"]["median"] = math.nan
+    with pytest.raises(ValueError, match="not a finite figure"):
+        report.render(broken)
+    broken = copy.deepcopy(results)
+    del broken["loader"]
+    with pytest.raises(KeyError):
+        report.render(broken)
+
+
+@pytest.mark.slow
+def test_tiny_real_measurement_reaches_the_report(tmp_path: Path, prepared_data: Path) -> None:
+    """The bare loop, the trainer and its resume as real processes on a 1-layer model."""
+    flags = ["--config", "configs/tiny_cpu.json", "--data_dir", str(prepared_data), *MODE["model"]]
+    ov = run_bench.overhead_section(MODE, flags, tmp_path)
+    (r,) = ov["rounds"]
+    assert r["trainer"]["steps"] == r["bare"]["steps"] == MODE["steps"] - MODE["warmup"]
+    assert r["trainer"]["events"] == 2  # after steps 2 and 4 (the one after step 6 ends the run)
+    assert r["resumed"]["first_row_step"] == MODE["steps"] + 1
+    for run in (r["bare"], r["trainer"], r["resumed"]):
+        assert run["process"]["peak_rss_mb"] > 100
+    check_report(report.render(canned_results(ov["rounds"])))
