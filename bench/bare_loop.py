@@ -53,8 +53,7 @@ def run(cfg: TrainConfig, warmup: int, peak_n: int, loader_batches: int) -> dict
         raise SystemExit("need total_batch_size a multiple of batch_size * block_size, max_steps > bench_warmup")
     seed_everything(cfg.seed)
     model = GPT(GPTConfig.from_train_config(cfg)).to(device)
-    optimizer = build_adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                            betas=(cfg.beta1, cfg.beta2), device=device)
+    optimizer = build_adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     forward = torch.compile(model) if (cfg.compile if cfg.compile is not None else device.type == "cuda") else model
     dtype = resolve_autocast_dtype(cfg, device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext

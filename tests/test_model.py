@@ -66,7 +66,7 @@ def test_generate_is_reproducible_with_a_private_generator() -> None:
 
 def test_weight_decay_only_on_matrices() -> None:
     model = GPT(SMALL)
-    opt = build_adamw(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device=torch.device("cpu"))
+    opt = build_adamw(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     decay, no_decay = opt.param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
