@@ -131,13 +131,31 @@ def init_distributed(device_preference: str = "auto", cpu_threads: int = 0, time
         if backend == "nccl":
             _set_nccl_debug_defaults(log_dir)
         startup = datetime.timedelta(seconds=max(STARTUP_TIMEOUT_MIN_S, 10 * timeout_s))
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": startup}
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": startup, "store": _restart_safe_store(startup),
+                                  "rank": rank, "world_size": world_size}
+        if kwargs["store"] is None:
+            del kwargs["store"], kwargs["rank"], kwargs["world_size"]  # env:// as usual
         if device.type == "cuda":
             kwargs["device_id"] = device  # binds the group to this GPU, avoids a lazy init hang
         dist.init_process_group(**kwargs)
         control = dist.new_group(backend="gloo", timeout=datetime.timedelta(
             seconds=max(CONTROL_TIMEOUT_MIN_S, 12 * timeout_s)))
     return DistContext(rank, local_rank, world_size, local_world_size, device, backend, control, timeout_s)
+
+
+def _restart_safe_store(timeout: datetime.timedelta) -> Any:
+    """The torchrun agent's store, with keys of their own for this restart attempt, or None.
+
+    torchrun (2.13) keeps one TCPStore server for every rendezvous round and its workers use it
+    without a per-round prefix, so after an elastic restart (`--max-restarts`) a new worker can
+    read the address a dead worker of the previous attempt published there and fail to connect
+    ("Connection refused"), or connect to a stale peer. A prefix per attempt keeps rounds apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), _env_int("WORLD_SIZE", 1),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/llm-pretrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def tighten_timeout(ctx: DistContext) -> None:
