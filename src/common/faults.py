@@ -161,10 +161,6 @@ class SpikeGuard:
 
 # ----------------------------------------------------------------------------- host policy
 
-class RunStopped(Exception):
-    """Raised by Recovery when skips and rollbacks did not heal the run."""
-
-
 @dataclass
 class Recovery:
     """Skip counts and rollbacks, as the host sees them one step late."""

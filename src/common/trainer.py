@@ -325,8 +325,9 @@ class Trainer:
         state = self._checkpoint_state()
         rank0_decides(lambda: self.checkpointer.save(state, step=self.step, epoch=self.epochs_completed(),
                                                      val_loss=self.last_val_loss, tiers=tiers, wait=wait), self.ctx)
-        self.last_good = (str(Path(self.cfg.checkpoint_dir) / ("latest.pt" if "latest" in tiers else
-                                                               f"step_{self.step:08d}.pt")), self.step)
+        name = next(f"{tier}.pt" for tier in ("latest", "final", "best") if tier in tiers) \
+            if tiers & {"latest", "final", "best"} else f"epoch_{self.epochs_completed():03d}.pt"
+        self.last_good = (str(Path(self.cfg.checkpoint_dir) / name), self.step)
 
     def _weights_finite(self) -> bool:
         bad = torch.zeros((), device=self.ctx.device)
