@@ -214,3 +214,12 @@ def test_choose_device_refuses_a_local_rank_beyond_several_visible_gpus(monkeypa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match="LOCAL_RANK 3 has no GPU: only 2 visible"):
         choose_device("cuda", 3)
+
+
+def test_choose_device_refuses_several_torchrun_processes_on_one_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nproc_per_node=2 on a node that shows one GPU would put both ranks on it. No GPU
+    exists here: torch.cuda.is_available and device_count are patched to describe one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="2 processes on this node share its one visible GPU"):
+        choose_device("cuda", 1, local_world_size=2)

@@ -60,11 +60,12 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def choose_device(preference: str, local_rank: int) -> torch.device:
+def choose_device(preference: str, local_rank: int, local_world_size: int = 1) -> torch.device:
     """CUDA, then MPS, then CPU for `auto`; an explicit choice must be available.
 
     A launcher that gives each process one GPU through CUDA_VISIBLE_DEVICES (`srun
     --gpus-per-task=1`) leaves one visible device whatever LOCAL_RANK is: that device is used.
+    Several processes of one torchrun on a node that shows one GPU would all land on it: refused.
     """
     if preference == "auto":
         if torch.cuda.is_available():
@@ -77,6 +78,9 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError("--device cuda requested but no CUDA device is available (try --device cpu)")
         count = torch.cuda.device_count()
+        if count == 1 and local_world_size > 1:
+            raise UserError(f"{local_world_size} processes on this node share its one visible GPU; use "
+                            "--nproc_per_node 1, or give each process its own GPU (CUDA_VISIBLE_DEVICES)")
         if count == 1:
             return torch.device("cuda", 0)
         if local_rank >= count:
@@ -116,7 +120,7 @@ def init_distributed(device_preference: str = "auto", cpu_threads: int = 0, time
     local_rank = _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
-    device = choose_device(device_preference, local_rank)
+    device = choose_device(device_preference, local_rank, local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # TF32 tensor cores for the fp32 matmuls left outside bf16 autocast (Ampere and newer).

@@ -635,6 +635,7 @@ class Trainer:
             rank0_decides(self.checkpointer.wait, self.ctx)  # this step's latest.pt is already being written
         else:
             self.save({"latest"}, wait=True)
+        self.heartbeat.beat(self.step, "stopped")  # the save is complete (a job script may requeue now)
         log.warning("saved. Resume with: torchrun --standalone --nproc_per_node=%d %s --resume latest "
                     "(plus the same --config/flags)", self.ctx.world_size, Path(sys.argv[0]).name)
 
