@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from common.config import FP8TrainConfig, handle_config_actions, parse_args
+from common.config import FP8TrainConfig
 from common.dist import DistContext
 from common.errors import run_cli
 from common.fp8 import (
@@ -29,7 +29,7 @@ from common.fp8 import (
     plan_precision,
 )
 from common.model import GPT, GPTConfig
-from common.trainer import ModelSpec, plain_model_spec, train
+from common.trainer import ModelSpec, main, plain_model_spec
 
 log = logging.getLogger("train_fp8")
 
@@ -63,12 +63,5 @@ def fp8_model_spec(cfg: FP8TrainConfig, ctx: DistContext) -> ModelSpec:
     )
 
 
-def main() -> int:
-    cfg, actions = parse_args(sys.argv[1:], FP8TrainConfig)
-    if handle_config_actions(cfg, actions):
-        return 0
-    return train(cfg, fp8_model_spec, actions["explicit"])
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda: main(sys.argv[1:], FP8TrainConfig, fp8_model_spec))

@@ -7,17 +7,9 @@ from __future__ import annotations
 
 import sys
 
-from common.config import TrainConfig, handle_config_actions, parse_args
+from common.config import TrainConfig
 from common.errors import run_cli
-from common.trainer import plain_model_spec, train
-
-
-def main() -> int:
-    cfg, actions = parse_args(sys.argv[1:], TrainConfig)
-    if handle_config_actions(cfg, actions):
-        return 0
-    return train(cfg, plain_model_spec, actions["explicit"])
-
+from common.trainer import main, plain_model_spec
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda: main(sys.argv[1:], TrainConfig, plain_model_spec))

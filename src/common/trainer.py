@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import __version__
 from common.checkpoint import Checkpointer, estimate_state_bytes, validate_checkpoint
-from common.config import TrainConfig, config_to_dict, git_commit
+from common.config import TrainConfig, config_to_dict, git_commit, handle_config_actions, parse_args
 from common.data import DatasetIndex, ShardedTrainLoader, ValReader
 from common.dist import (
     DistContext,
@@ -669,6 +669,15 @@ class Trainer:
             self.checkpointer.wait()
         self.run_logger.close()
         self.loader.close()
+
+
+def main(argv: Sequence[str], config_cls: type[TrainConfig], make_spec: Callable[[Any, DistContext], ModelSpec]) -> int:
+    """An entry script's whole main: flags -> config -> --version / --print_config / --save_config,
+    or a training run."""
+    cfg, actions = parse_args(argv, config_cls)
+    if handle_config_actions(cfg, actions):
+        return 0
+    return train(cfg, make_spec, actions["explicit"])
 
 
 def train(cfg: TrainConfig, make_spec: Callable[[Any, DistContext], ModelSpec],
