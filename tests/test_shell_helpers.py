@@ -87,19 +87,25 @@ def log_resumed_run(log_dir: Path) -> None:
             run.log_step(step, {"loss": 100.0 - step, "lr": 1e-3})
 
 
-def test_start_tensorboard_serves_the_run_and_prints_the_ssh_line(tmp_path: Path) -> None:
-    log_dir = tmp_path / "logs"
-    log_resumed_run(log_dir)
-    port = free_port()
+def start_tensorboard(log_dir: Path, port: int, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """start_tensorboard.sh LOG_DIR PORT from another directory; (process, stdout file, stderr file)."""
     out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out_file.open("w") as out, err_file.open("w") as err:
         proc = subprocess.Popen(["bash", str(START_TB), str(log_dir), str(port)], cwd=tmp_path,
                                 stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc, out_file, err_file
+
+
+def test_start_tensorboard_serves_the_run_and_prints_the_ssh_line(tmp_path: Path) -> None:
+    log_dir = tmp_path / "logs"
+    log_resumed_run(log_dir)
+    port = free_port()
+    proc, out_file, err_file = start_tensorboard(log_dir, port, tmp_path)
     try:
         base = f"http://127.0.0.1:{port}"
         runs = poll(lambda: http_json(f"{base}/data/runs"), proc, TB_STARTUP_TIMEOUT, "the run list", err_file)
-        assert runs == ["tensorboard"]  # LOG_DIR/tensorboard/, relative to --logdir
-        query = urllib.parse.urlencode({"run": "tensorboard", "tag": "train/loss"})
+        assert runs == ["logs"]  # named after the log directory (no --run_name), not "tensorboard"
+        query = urllib.parse.urlencode({"run": "logs", "tag": "train/loss"})
 
         def full_curve() -> list | None:  # [[wall_time, step, value], ...] once loaded through step 10
             points = http_json(f"{base}/data/plugin/scalars/scalars?{query}")
@@ -112,13 +118,28 @@ def test_start_tensorboard_serves_the_run_and_prints_the_ssh_line(tmp_path: Path
         lines = [line.strip() for line in out_file.read_text().splitlines()]
         assert expected_ssh_line(port) in lines
         assert f"http://localhost:{port}/" in out_file.read_text()
-        assert str(log_dir) in lines[0]
+        assert lines[0] == f"TensorBoard on {log_dir / 'tensorboard'}"
         with pytest.raises(OSError):  # bound to localhost only: the port is taken on 127.0.0.1
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port))
     finally:
         stop(proc)
     assert proc.returncode is not None
+
+
+def test_start_tensorboard_on_a_folder_of_several_runs_lists_each(tmp_path: Path) -> None:
+    for name in ("gpt2_124m", "gpt2_350m"):
+        with RunLogger(tmp_path / "runs" / name, enabled=True, use_tensorboard=True) as run:
+            run.log_step(1, {"loss": 1.0})
+    port = free_port()
+    proc, _, err_file = start_tensorboard(tmp_path / "runs", port, tmp_path)
+    try:
+        runs = poll(lambda: http_json(f"http://127.0.0.1:{port}/data/runs"), proc, TB_STARTUP_TIMEOUT,
+                    "the run list", err_file)
+        assert sorted(runs) == ["gpt2_124m/tensorboard/gpt2_124m", "gpt2_350m/tensorboard/gpt2_350m"]
+    finally:
+        stop(proc)
+    assert not (tmp_path / "runs" / "tensorboard").exists()  # served as it is
 
 
 def test_start_tensorboard_busy_port_is_a_clear_error(tmp_path: Path) -> None:
