@@ -6,6 +6,8 @@
 #
 # LOG_DIR defaults to <repo>/logs, PORT to 6006. Works from any directory. TensorBoard runs in the
 # foreground: Ctrl+C stops it. Exit status 2: TensorBoard missing, port busy, bad arguments.
+# A run's log directory is served through its tensorboard/ folder, so the run is listed under
+# its own name; a folder above several runs' log directories is served as it is.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,7 +20,7 @@ die() {  # one line on stderr, exit status 2
 }
 
 usage() {
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 LOG_DIR=""
@@ -89,13 +91,22 @@ if [ ! -d "$LOG_DIR" ]; then
 fi
 LOG_DIR="$(cd "$LOG_DIR" && pwd)"
 
+# The trainer writes LOG_DIR/tensorboard/RUN/ (RUN: --run_name, else the log directory's name) and
+# TensorBoard names a run by its folder relative to --logdir: serving LOG_DIR/tensorboard lists it
+# as RUN. A LOG_DIR with no tensorboard/ but event files below is a parent of several runs.
+SERVE_DIR="$LOG_DIR/tensorboard"
+if [ ! -d "$SERVE_DIR" ] && [ -n "$(find "$LOG_DIR" -name 'events.out.tfevents.*' -print -quit 2>/dev/null)" ]; then
+    SERVE_DIR="$LOG_DIR"
+fi
+mkdir -p "$SERVE_DIR"
+
 USER_NAME="${USER:-}"
 [ -n "$USER_NAME" ] || USER_NAME="$(id -un)"
 HOST_NAME="$(hostname -f 2>/dev/null || true)"
 [ -n "$HOST_NAME" ] || HOST_NAME="$(hostname 2>/dev/null || uname -n)"
 
 cat <<EOF
-TensorBoard on $LOG_DIR
+TensorBoard on $SERVE_DIR
   URL on this machine:   http://localhost:$PORT/
   From your laptop, open a tunnel (leave it running), then browse http://localhost:$PORT/ :
     ssh -N -L $PORT:localhost:$PORT $USER_NAME@$HOST_NAME
@@ -103,4 +114,4 @@ TensorBoard on $LOG_DIR
   Ctrl+C here stops TensorBoard.
 EOF
 
-exec "$TENSORBOARD" --logdir "$LOG_DIR" --host 127.0.0.1 --port "$PORT" ${EXTRA[@]+"${EXTRA[@]}"}
+exec "$TENSORBOARD" --logdir "$SERVE_DIR" --host 127.0.0.1 --port "$PORT" ${EXTRA[@]+"${EXTRA[@]}"}

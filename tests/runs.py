@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -64,6 +65,14 @@ def read_metrics(log_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 def step_losses(log_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(log_dir)[0]}
+
+
+def tensorboard_events(log_dir: Path, run: str = "logs") -> EventAccumulator:
+    """The scalars of TensorBoard run `run` (LOG_DIR/tensorboard/RUN/, named after the log
+    directory unless --run_name is given), read by TensorBoard's own reader."""
+    events = EventAccumulator(str(log_dir / "tensorboard" / run), size_guidance={"scalars": 0})
+    events.Reload()
+    return events
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -23,12 +23,12 @@ from runs import (
     run_dirs,
     start,
     step_losses,
+    tensorboard_events,
     torchrun_cmd,
     train,
     wait_for_step,
     wait_gone,
 )
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 STEPS = 30
 SPIKE = ["--spike_window", "8", "--spike_zscore", "6", "--max_consecutive_skips", "3",
@@ -41,9 +41,7 @@ def _flags(*extra: str) -> list[str]:
 
 
 def _tb_steps(log_dir: Path, tag: str) -> list[int]:
-    events = EventAccumulator(str(log_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    return [e.step for e in events.Scalars(tag)]
+    return [e.step for e in tensorboard_events(log_dir).Scalars(tag)]
 
 
 def _events(log_dir: Path, kind: str) -> list[dict]:

@@ -28,13 +28,19 @@ def step_metrics(step: int, offset: float = 0.0) -> dict[str, Any]:
     """Every key the trainer logs, with values that identify the step (and the process)."""
     return {"loss": 10.0 - 0.5 * step + offset, "lr": 1e-4 * step, "grad_norm": 1.0 + step / 100,
             "tokens_per_sec": 1000.0 + step, "mfu": 0.3, "step_time": 0.25, "mem_allocated_mb": 100.0,
-            "mem_reserved_mb": 120.0, "mem_rss_mb": 900.0 + step, "epoch": 0, "tokens": 512 * step}
+            "mem_reserved_mb": 120.0, "mem_rss_mb": 900.0 + step, "epoch": 0, "tokens": 512 * step,
+            "time": 1.7e9 + step}
 
 
 def read_events(tb_dir: Path) -> EventAccumulator:
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     acc.Reload()
     return acc
+
+
+def tb_run(log_dir: Path) -> Path:
+    """A run's events folder when no run name is given: named after the log directory."""
+    return log_dir / "tensorboard" / log_dir.name
 
 
 def scalar_steps(acc: EventAccumulator, tag: str) -> list[int]:
@@ -110,11 +116,14 @@ def test_tensorboard_scalars_histograms_text_hparams(tmp_path: Path) -> None:
         run.log_hparams({"learning_rate": 6e-4, "model": {"n_layer": 2}, "device": "cpu", "betas": (0.9, 0.95),
                          "compile": False, "warmup": None}, {"hparam/best_val_loss": 4.0})
 
-    acc = read_events(tmp_path / "tensorboard")
+    acc = read_events(tb_run(tmp_path))
     tags = acc.Tags()
     for key in ALL_KEYS:
         tag = SCALAR_TAGS.get(key, f"train/{key}")
         assert scalar_steps(acc, tag) == list(range(1, 11)), tag
+    assert "train/time" not in tags["scalars"]  # the wall clock is no curve (it stays in metrics.jsonl)
+    groups = sorted({tag.split("/")[0] for tag in tags["scalars"]})  # TensorBoard's order of chart groups
+    assert groups == ["train", "train_memory", "train_perf", "val"]
     assert [e.value for e in acc.Scalars("train/loss")] == [step_metrics(s)["loss"] for s in range(1, 11)]
     assert scalar_steps(acc, "val/loss") == [5, 10]
     assert acc.Scalars("val/perplexity")[0].value == pytest.approx(math.exp(4.5), rel=1e-6)
@@ -138,12 +147,15 @@ def test_tensorboard_scalars_histograms_text_hparams(tmp_path: Path) -> None:
     assert hp["betas"].string_value == "(0.9, 0.95)"
     assert hp["compile"].bool_value is False
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hp_content["_hparams_/experiment"]).experiment
-    assert [m.name.tag for m in experiment.metric_infos] == ["hparam/best_val_loss"]
-    assert [(e.step, e.value) for e in acc.Scalars("hparam/best_val_loss")] == [(10, 4.0)]
+    # The HParams tab reads the best val loss from the last point of the val/best_loss curve: no
+    # one-point hparam/* chart, which TensorBoard would sort before the training curves.
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/best_loss"]
+    assert not [t for t in tags["scalars"] if t.startswith("hparam/")]
+    assert [(e.step, e.value) for e in acc.Scalars("val/best_loss")] == [(5, 4.5), (10, 4.0)]
 
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
-    assert rows[0] == {"step": 1, **step_metrics(1)}
+    assert rows[0] == {"step": 1, **step_metrics(1)}  # with its "time"
     evals = [r for r in rows if "val_loss" in r]
     assert evals[0] == {"step": 5, "val_loss": 4.5, "val_perplexity": pytest.approx(math.exp(4.5))}
 
@@ -157,22 +169,26 @@ def test_resume_after_stop_logs_every_step_exactly_once(tmp_path: Path) -> None:
             first.log_eval(step, 4.5)
             first.log_histograms(step, tiny_model())
             first.log_sample(step, "first run")
+        if step == 7:
+            first.log_eval(step, 3.0)  # after the checkpoint: dropped, and no longer the best
     first.close()
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 8, "loss": 6.')  # a crash in the middle of a row
     next_second()
 
-    # Second process: resumes from the step-5 checkpoint and runs to 10 (values differ by +100).
-    second = RunLogger(tmp_path, enabled=True, use_tensorboard=True, resume_step=5, state=first.state_dict())
+    # Second process: resumes from the step-5 checkpoint and runs to 10 (values differ by +100),
+    # under another --run_name: the TensorBoard run continues in its folder all the same.
+    second = RunLogger(tmp_path, enabled=True, use_tensorboard=True, resume_step=5, state=first.state_dict(),
+                       wandb_run_name="renamed")
     for step in range(6, 11):
         second.log_step(step, step_metrics(step, offset=100.0))
         if step == 10:
-            second.log_eval(step, 4.0)
+            second.log_eval(step, 4.8)
             second.log_histograms(step, tiny_model())
             second.log_sample(step, "second run")
     second.close()
 
-    acc = read_events(tmp_path / "tensorboard")
+    acc = read_events(tb_run(tmp_path))
     for key in ALL_KEYS:
         tag = SCALAR_TAGS.get(key, f"train/{key}")
         assert scalar_steps(acc, tag) == list(range(1, 11)), tag
@@ -180,14 +196,26 @@ def test_resume_after_stop_logs_every_step_exactly_once(tmp_path: Path) -> None:
     assert losses[5] == step_metrics(5)["loss"]
     assert losses[6] == step_metrics(6, offset=100.0)["loss"]  # the resumed run's value, not the purged one
     assert scalar_steps(acc, "val/loss") == [5, 10]
+    assert [(e.step, e.value) for e in acc.Scalars("val/best_loss")] == [(5, 4.5), (10, 4.5)]
     assert [h.step for h in acc.Histograms("params/0.weight")] == [5, 10]
     assert [t.step for t in acc.Tensors("samples/text_summary")] == [5, 10]
+    assert [d.name for d in (tmp_path / "tensorboard").iterdir()] == [tmp_path.name]
 
     rows = read_jsonl(tmp_path / "metrics.jsonl")  # also proves the truncated row is gone
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 11))
     assert train[6]["loss"] == step_metrics(7, offset=100.0)["loss"]
     assert [r["step"] for r in rows if "val_loss" in r] == [5, 10]
+
+
+def test_tensorboard_run_is_named_after_run_name_else_the_log_dir(tmp_path: Path) -> None:
+    with RunLogger(tmp_path / "exp7", enabled=True, use_tensorboard=True, wandb_run_name="gpt2 124m/lr 6e-4") as run:
+        run.log_step(1, {"loss": 1.0})
+    with RunLogger(tmp_path / "exp8", enabled=True, use_tensorboard=True) as run:
+        run.log_step(1, {"loss": 2.0})
+    assert [d.name for d in (tmp_path / "exp7" / "tensorboard").iterdir()] == ["gpt2 124m_lr 6e-4"]  # one folder
+    assert [d.name for d in (tmp_path / "exp8" / "tensorboard").iterdir()] == ["exp8"]
+    assert [e.value for e in read_events(tb_run(tmp_path / "exp8")).Scalars("train/loss")] == [2.0]
 
 
 def test_fresh_start_moves_an_earlier_run_aside(tmp_path: Path) -> None:
@@ -199,9 +227,9 @@ def test_fresh_start_moves_an_earlier_run_aside(tmp_path: Path) -> None:
     archived = list((tmp_path / "previous").iterdir())
     assert len(archived) == 1
     assert [r["step"] for r in read_jsonl(archived[0] / "metrics.jsonl")] == [1, 2, 3]
-    assert scalar_steps(read_events(archived[0] / "tensorboard"), "train/loss") == [1, 2, 3]
+    assert scalar_steps(read_events(archived[0] / "tensorboard" / tmp_path.name), "train/loss") == [1, 2, 3]
     assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.0}]
-    assert [e.value for e in read_events(tmp_path / "tensorboard").Scalars("train/loss")] == [2.0]
+    assert [e.value for e in read_events(tb_run(tmp_path)).Scalars("train/loss")] == [2.0]
 
 
 def test_disabled_logger_is_a_no_op(tmp_path: Path) -> None:
@@ -213,7 +241,7 @@ def test_disabled_logger_is_a_no_op(tmp_path: Path) -> None:
     run.log_hparams({"a": 1}, {"hparam/best_val_loss": 1.0})
     run.flush()
     run.close()
-    assert run.state_dict() == {"wandb_run_id": None}
+    assert run.state_dict() == {"wandb_run_id": None, "tensorboard_run": "rank1"}
     assert not (tmp_path / "rank1").exists()
 
 
@@ -241,7 +269,7 @@ def test_histograms_unwrap_ddp_and_compiled_model_and_skip_non_finite(tmp_path: 
             run.log_histograms(3, wrapped)
     finally:
         dist.destroy_process_group()
-    hists = read_events(tmp_path / "logs" / "tensorboard").Tags()["histograms"]
+    hists = read_events(tb_run(tmp_path / "logs")).Tags()["histograms"]
     assert {"params/0.weight", "grads/0.weight", "params/0.bias", "params/2.weight"} <= set(hists)
     assert "params/2.bias" not in hists  # all NaN: left out, with a warning in the log
     assert "params/2.bias has 2 non-finite values" in caplog.text
@@ -255,7 +283,7 @@ def test_histogram_names_containing_a_wrapper_name_are_kept(tmp_path: Path) -> N
     model = torch.nn.ModuleDict({"submodule": torch.nn.Linear(2, 2), "my_orig_mod": torch.nn.Linear(2, 2)})
     with RunLogger(tmp_path / "logs", enabled=True, use_tensorboard=True) as run:
         run.log_histograms(1, CompiledLike(model))
-    hists = set(read_events(tmp_path / "logs" / "tensorboard").Tags()["histograms"])
+    hists = set(read_events(tb_run(tmp_path / "logs")).Tags()["histograms"])
     assert {"params/submodule.weight", "params/my_orig_mod.bias"} <= hists
 
 
@@ -314,8 +342,9 @@ def test_wandb_offline_run_holds_the_metrics_and_resumes_same_run(offline_wandb:
     history = {r["history"]["step"]["num"]: r["history"]["item"] for r in records if r.get("type") == "history"}
     assert sorted(history) == [1, 2, 3, 4, 5]
     for step in range(1, 6):
-        for key, value in step_metrics(step).items():
-            assert history[step][SCALAR_TAGS.get(key, f"train/{key}")] == pytest.approx(value), (step, key)
+        for key in ALL_KEYS:
+            assert history[step][SCALAR_TAGS.get(key, f"train/{key}")] == pytest.approx(step_metrics(step)[key])
+        assert "train/time" not in history[step]
     assert history[5]["val/loss"] == 4.5
     assert history[5]["samples._type"] == "table-file"  # the sample, as a wandb.Table file
     table = json.loads((run_dir / "files" / history[5]["samples.path"]).read_text())
@@ -330,7 +359,7 @@ def test_wandb_offline_run_holds_the_metrics_and_resumes_same_run(offline_wandb:
 
     # A resumed process continues the same wandb run id.
     second = RunLogger(log_dir, enabled=True, use_wandb=True, config=config, resume_step=5, state=state)
-    assert second.state_dict() == {"wandb_run_id": run_id}
+    assert second.state_dict() == {"wandb_run_id": run_id, "tensorboard_run": "t"}
     second.log_step(6, step_metrics(6))
     second.close()
     dirs = run_dirs(offline_wandb, run_id)

@@ -7,7 +7,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -15,26 +14,18 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from runs import REPO, free_port
+from tensorboard_server import START_TB, TB_STARTUP_TIMEOUT, http_json, poll, start_tensorboard, stop_tensorboard
 
 from common.logger import RunLogger
 
-REPO = Path(__file__).resolve().parents[1]
-START_TB = REPO / "shell" / "start_tensorboard.sh"
 LIST_CKPT = REPO / "shell" / "list_checkpoints.sh"
-TB_STARTUP_TIMEOUT = 120.0  # TensorBoard can take 10 s+ to start on a loaded 2-core box
 
 
 # --------------------------------------------------------------------------- start_tensorboard.sh
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def expected_ssh_line(port: int) -> str:
@@ -42,38 +33,6 @@ def expected_ssh_line(port: int) -> str:
     fqdn = subprocess.run(["hostname", "-f"], capture_output=True, text=True)
     host = fqdn.stdout.strip() if fqdn.returncode == 0 and fqdn.stdout.strip() else socket.gethostname()
     return f"ssh -N -L {port}:localhost:{port} {user}@{host}"
-
-
-def http_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.loads(resp.read().decode())
-
-
-def poll(fn, proc: subprocess.Popen, timeout: float, what: str, err_file: Path) -> Any:
-    """Call fn() until it returns a truthy value; fail early if the process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"start_tensorboard.sh exited ({proc.returncode}) before {what}:\n{err_file.read_text()}")
-        try:
-            result = fn()
-            if result:
-                return result
-        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}:\n{err_file.read_text()}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """TensorBoard was exec'd in place of the script, in its own session: end that group."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
 
 
 def log_resumed_run(log_dir: Path) -> None:
@@ -91,15 +50,12 @@ def test_start_tensorboard_serves_the_run_and_prints_the_ssh_line(tmp_path: Path
     log_dir = tmp_path / "logs"
     log_resumed_run(log_dir)
     port = free_port()
-    out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with out_file.open("w") as out, err_file.open("w") as err:
-        proc = subprocess.Popen(["bash", str(START_TB), str(log_dir), str(port)], cwd=tmp_path,
-                                stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc, out_file, err_file = start_tensorboard(log_dir, port, tmp_path)
     try:
         base = f"http://127.0.0.1:{port}"
         runs = poll(lambda: http_json(f"{base}/data/runs"), proc, TB_STARTUP_TIMEOUT, "the run list", err_file)
-        assert runs == ["tensorboard"]  # LOG_DIR/tensorboard/, relative to --logdir
-        query = urllib.parse.urlencode({"run": "tensorboard", "tag": "train/loss"})
+        assert runs == ["logs"]  # named after the log directory (no --run_name), not "tensorboard"
+        query = urllib.parse.urlencode({"run": "logs", "tag": "train/loss"})
 
         def full_curve() -> list | None:  # [[wall_time, step, value], ...] once loaded through step 10
             points = http_json(f"{base}/data/plugin/scalars/scalars?{query}")
@@ -112,13 +68,28 @@ def test_start_tensorboard_serves_the_run_and_prints_the_ssh_line(tmp_path: Path
         lines = [line.strip() for line in out_file.read_text().splitlines()]
         assert expected_ssh_line(port) in lines
         assert f"http://localhost:{port}/" in out_file.read_text()
-        assert str(log_dir) in lines[0]
+        assert lines[0] == f"TensorBoard on {log_dir / 'tensorboard'}"
         with pytest.raises(OSError):  # bound to localhost only: the port is taken on 127.0.0.1
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port))
     finally:
-        stop(proc)
+        stop_tensorboard(proc)
     assert proc.returncode is not None
+
+
+def test_start_tensorboard_on_a_folder_of_several_runs_lists_each(tmp_path: Path) -> None:
+    for name in ("gpt2_124m", "gpt2_350m"):
+        with RunLogger(tmp_path / "runs" / name, enabled=True, use_tensorboard=True) as run:
+            run.log_step(1, {"loss": 1.0})
+    port = free_port()
+    proc, _, err_file = start_tensorboard(tmp_path / "runs", port, tmp_path)
+    try:
+        runs = poll(lambda: http_json(f"http://127.0.0.1:{port}/data/runs"), proc, TB_STARTUP_TIMEOUT,
+                    "the run list", err_file)
+        assert sorted(runs) == ["gpt2_124m/tensorboard/gpt2_124m", "gpt2_350m/tensorboard/gpt2_350m"]
+    finally:
+        stop_tensorboard(proc)
+    assert not (tmp_path / "runs" / "tensorboard").exists()  # served as it is
 
 
 def test_start_tensorboard_busy_port_is_a_clear_error(tmp_path: Path) -> None:

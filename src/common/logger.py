@@ -8,11 +8,17 @@ Two pieces:
 * ``RunLogger`` writes the machine-readable metrics. Every method is a no-op when ``enabled`` is
   false (ranks other than 0), so the trainer can call it unconditionally.
 
+TensorBoard layout: the events go to ``LOG_DIR/tensorboard/RUN/``, RUN being ``--run_name`` or
+else the log directory's name, so TensorBoard (pointed at ``LOG_DIR/tensorboard``, as
+shell/start_tensorboard.sh does) lists the run under that name. TensorBoard sorts chart groups by
+name, so the tags are chosen to put ``train/*`` first; every chart is a curve (no one-point cards,
+no wall clock: TensorBoard's own "wall" axis shows the time).
+
 Resume contract: ``RunLogger(resume_step=k)`` drops the ``metrics.jsonl`` rows after step k
 (atomic rewrite) and opens TensorBoard with ``purge_step=k + 1`` so the events logged after the
 checkpoint by the interrupted run are hidden; the resumed run then logs k+1, k+2, ... and every
-step appears exactly once. The wandb run id travels in the checkpoint (``state_dict()``) so the
-resumed process continues the same wandb run.
+step appears exactly once. The wandb run id and the TensorBoard run's folder travel in the
+checkpoint (``state_dict()``) so the resumed process continues the same runs.
 """
 from __future__ import annotations
 
@@ -38,18 +44,31 @@ PREVIOUS_SUBDIR = "previous"
 WANDB_MISSING = "--use_wandb needs wandb: pip install -e '.[wandb]'"
 TENSORBOARD_MISSING = "--use_tensorboard needs tensorboard: pip install -e . (or pip install tensorboard)"
 
-# metrics.jsonl key -> TensorBoard / wandb tag. Keys not listed go to "train/<key>".
+# metrics.jsonl key -> TensorBoard / wandb tag. Keys not listed go to "train/<key>". TensorBoard
+# orders chart groups by name: "train" < "train_memory" < "train_perf" < "val".
 SCALAR_TAGS: dict[str, str] = {
     "loss": "train/loss",
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
-    "tokens_per_sec": "perf/tokens_per_sec",
-    "mfu": "perf/mfu",
-    "step_time": "perf/step_time",
-    "mem_allocated_mb": "memory/allocated_mb",
-    "mem_reserved_mb": "memory/reserved_mb",
-    "mem_rss_mb": "memory/rss_mb",
+    "tokens_per_sec": "train_perf/tokens_per_sec",
+    "mfu": "train_perf/mfu",
+    "step_time": "train_perf/step_time",
+    "mem_allocated_mb": "train_memory/allocated_mb",
+    "mem_reserved_mb": "train_memory/reserved_mb",
+    "mem_rss_mb": "train_memory/rss_mb",
 }
+# metrics.jsonl keys kept out of charts: a Unix timestamp is no curve.
+UNCHARTED_KEYS = frozenset({"time"})
+VAL_LOSS_TAG = "val/loss"
+BEST_VAL_LOSS_TAG = "val/best_loss"  # lowest val/loss so far, drawn at each evaluation
+# End-of-run metrics of the HParams tab -> the curve whose last point holds the value. The HParams
+# tab reads a metric from the scalars of its tag; pointing it at these curves spares one-point
+# charts (which TensorBoard would sort before the training curves).
+HPARAM_METRIC_TAGS: dict[str, str] = {
+    "hparam/best_val_loss": BEST_VAL_LOSS_TAG,
+    "hparam/final_val_loss": VAL_LOSS_TAG,
+}
+DEFAULT_RUN_NAME = "run"
 SAMPLE_TAG = "samples"
 MAX_WANDB_SAMPLE_ROWS = 200
 _HANDLER_MARK = "_llm_pretrain_handler"
@@ -163,6 +182,14 @@ def tag_for(key: str) -> str:
     return key if "/" in key else f"train/{key}"
 
 
+def tensorboard_run_name(log_dir: Path, run_name: str | None) -> str:
+    """The folder under LOG_DIR/tensorboard/ (TensorBoard's name for the run): ``run_name``, else
+    the log directory's own name; one path component."""
+    name = (run_name or "").strip() or Path(log_dir).resolve().name
+    name = name.replace("/", "_").replace(os.sep, "_")
+    return name if name not in ("", ".", "..") else DEFAULT_RUN_NAME
+
+
 def perplexity(loss: float) -> float:
     """exp(loss), inf when it overflows (a diverged run), nan for a nan loss."""
     try:
@@ -211,6 +238,14 @@ def truncate_metrics(path: Path, keep_through_step: int) -> int:
             kept.append(json.dumps(row))
     atomic_write_text(path, "".join(line + "\n" for line in kept))
     return total - len(kept)
+
+
+def best_val_loss(path: Path) -> float:
+    """The lowest finite ``val_loss`` of a metrics.jsonl (inf when it holds none)."""
+    if not path.exists():
+        return math.inf
+    losses = (row.get("val_loss") for row in read_metrics_rows(path))
+    return min((v for v in losses if _is_number(v) and math.isfinite(v)), default=math.inf)
 
 
 def _archive_previous_run(log_dir: Path) -> Path | None:
@@ -310,10 +345,15 @@ class RunLogger:
         wandb_project: str = "llm-pretrain",
         wandb_run_name: str | None = None,
     ) -> None:
+        """``wandb_run_name`` is ``--run_name``: it names the wandb run and the TensorBoard run."""
         self.enabled = enabled
         self.log_dir = Path(log_dir)
         self.metrics_path = self.log_dir / METRICS_FILE
-        self.tensorboard_dir = self.log_dir / TENSORBOARD_SUBDIR
+        # A resumed run continues in the folder it started in, whatever it is called now.
+        self.tensorboard_run = ((state or {}).get("tensorboard_run")
+                                or tensorboard_run_name(self.log_dir, wandb_run_name))
+        self.tensorboard_dir = self.log_dir / TENSORBOARD_SUBDIR / self.tensorboard_run
+        self._best_val_loss = math.inf
         self._metrics_file = None
         self._writer = None  # torch.utils.tensorboard.SummaryWriter
         self._wandb = None  # the wandb module while a run is active
@@ -337,6 +377,7 @@ class RunLogger:
             dropped = truncate_metrics(self.metrics_path, resume_step)
             if dropped:
                 log.info("resume at step %d: dropped %d metrics rows logged after it", resume_step, dropped)
+            self._best_val_loss = best_val_loss(self.metrics_path)
         self._metrics_file = self.metrics_path.open("a", encoding="utf-8")
 
         if writer_cls is not None:
@@ -408,7 +449,7 @@ class RunLogger:
         values = {k: _finite_or_none(_plain(v)) for k, v in metrics.items() if k != "step"}
         self._write_row({"step": int(step), **values})
         self._last_step = max(self._last_step, int(step))
-        scalars = {tag_for(k): v for k, v in values.items() if _is_number(v)}
+        scalars = {tag_for(k): v for k, v in values.items() if _is_number(v) and k not in UNCHARTED_KEYS}
         self._scalars(step, scalars)
 
     def log_event(self, step: int, event: str, fields: dict[str, Any], scalars: dict[str, float]) -> None:
@@ -428,18 +469,20 @@ class RunLogger:
             self._wandb_call("log", self._wandb.log, scalars, step=int(step))
 
     def log_eval(self, step: int, val_loss: float) -> None:
-        """One evaluation: validation loss and perplexity."""
+        """One evaluation: validation loss and perplexity (metrics.jsonl), and in the charts also
+        the best validation loss so far."""
         if not self.enabled or self._closed:
             return
         val_loss = float(_plain(val_loss))
         ppl = perplexity(val_loss)
         self._write_row({"step": int(step), "val_loss": val_loss, "val_perplexity": ppl})
         self._last_step = max(self._last_step, int(step))
-        if self._writer is not None:
-            self._writer.add_scalar("val/loss", val_loss, int(step))
-            self._writer.add_scalar("val/perplexity", ppl, int(step))
-        if self._wandb is not None:
-            self._wandb_call("log", self._wandb.log, {"val/loss": val_loss, "val/perplexity": ppl}, step=int(step))
+        scalars = {VAL_LOSS_TAG: val_loss, "val/perplexity": ppl}
+        if math.isfinite(val_loss):
+            self._best_val_loss = min(self._best_val_loss, val_loss)
+        if math.isfinite(self._best_val_loss):
+            scalars[BEST_VAL_LOSS_TAG] = self._best_val_loss
+        self._scalars(step, scalars)
 
     def log_sample(self, step: int, text: str) -> None:
         """A generated text sample: the log, TensorBoard's Text tab, a wandb table."""
@@ -478,7 +521,11 @@ class RunLogger:
             self._wandb_call("log", self._wandb.log, wandb_hists, step=int(step))
 
     def log_hparams(self, hparams: dict, metrics: dict) -> None:
-        """Hyperparameters with their outcome (e.g. ``{"hparam/best_val_loss": x}``); call once at the end."""
+        """Hyperparameters with their outcome (e.g. ``{"hparam/best_val_loss": x}``); call once at the end.
+
+        In TensorBoard a metric of HPARAM_METRIC_TAGS is read from the last point of its curve;
+        any other metric is written as one point at the last step.
+        """
         if not self.enabled or self._closed:
             return
         flat = flatten_hparams(hparams)
@@ -488,12 +535,13 @@ class RunLogger:
 
             # Written into this run's own event file (SummaryWriter.add_hparams would make a new
             # sub-run per call), so the HParams tab shows the run next to its curves.
-            exp, ssi, sei = hparams_summary(flat, numeric)
+            exp, ssi, sei = hparams_summary(flat, {HPARAM_METRIC_TAGS.get(k, k): v for k, v in numeric.items()})
             file_writer = self._writer._get_file_writer()
             for summary in (exp, ssi, sei):
                 file_writer.add_summary(summary)
             for tag, value in numeric.items():
-                self._writer.add_scalar(tag, value, self._last_step)
+                if tag not in HPARAM_METRIC_TAGS:
+                    self._writer.add_scalar(tag, value, self._last_step)
         if self._wandb is not None and self._wandb_run is not None:
             run = self._wandb_run
             self._wandb_call("config", run.config.update, flat, allow_val_change=True)
@@ -501,7 +549,8 @@ class RunLogger:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue in the same place (kept in the checkpoint)."""
-        return {"wandb_run_id": self._wandb_run.id if self._wandb_run is not None else None}
+        return {"wandb_run_id": self._wandb_run.id if self._wandb_run is not None else None,
+                "tensorboard_run": self.tensorboard_run}
 
     def flush(self) -> None:
         """Push everything to disk (TensorBoard events, metrics.jsonl with fsync)."""
