@@ -179,7 +179,7 @@ def test_resume_after_stop_logs_every_step_exactly_once(tmp_path: Path) -> None:
     # Second process: resumes from the step-5 checkpoint and runs to 10 (values differ by +100),
     # under another --run_name: the TensorBoard run continues in its folder all the same.
     second = RunLogger(tmp_path, enabled=True, use_tensorboard=True, resume_step=5, state=first.state_dict(),
-                       wandb_run_name="renamed")
+                       run_name="renamed")
     for step in range(6, 11):
         second.log_step(step, step_metrics(step, offset=100.0))
         if step == 10:
@@ -209,7 +209,7 @@ def test_resume_after_stop_logs_every_step_exactly_once(tmp_path: Path) -> None:
 
 
 def test_tensorboard_run_is_named_after_run_name_else_the_log_dir(tmp_path: Path) -> None:
-    with RunLogger(tmp_path / "exp7", enabled=True, use_tensorboard=True, wandb_run_name="gpt2 124m/lr 6e-4") as run:
+    with RunLogger(tmp_path / "exp7", enabled=True, use_tensorboard=True, run_name="gpt2 124m/lr 6e-4") as run:
         run.log_step(1, {"loss": 1.0})
     with RunLogger(tmp_path / "exp8", enabled=True, use_tensorboard=True) as run:
         run.log_step(1, {"loss": 2.0})
@@ -323,7 +323,7 @@ def run_dirs(wandb_dir: Path, run_id: str) -> list[Path]:
 def test_wandb_offline_run_holds_the_metrics_and_resumes_same_run(offline_wandb: Path, tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     config = {"learning_rate": 6e-4, "n_layer": 2}
-    first = RunLogger(log_dir, enabled=True, use_wandb=True, config=config, wandb_run_name="t")
+    first = RunLogger(log_dir, enabled=True, use_wandb=True, config=config, run_name="t")
     for step in range(1, 6):
         first.log_step(step, step_metrics(step))
     first.log_eval(5, 4.5)

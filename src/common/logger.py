@@ -343,15 +343,15 @@ class RunLogger:
         resume_step: int | None = None,
         state: dict | None = None,
         wandb_project: str = "llm-pretrain",
-        wandb_run_name: str | None = None,
+        run_name: str | None = None,
     ) -> None:
-        """``wandb_run_name`` is ``--run_name``: it names the wandb run and the TensorBoard run."""
+        """``run_name`` (``--run_name``) names the wandb run and the TensorBoard run."""
         self.enabled = enabled
         self.log_dir = Path(log_dir)
         self.metrics_path = self.log_dir / METRICS_FILE
         # A resumed run continues in the folder it started in, whatever it is called now.
         self.tensorboard_run = ((state or {}).get("tensorboard_run")
-                                or tensorboard_run_name(self.log_dir, wandb_run_name))
+                                or tensorboard_run_name(self.log_dir, run_name))
         self.tensorboard_dir = self.log_dir / TENSORBOARD_SUBDIR / self.tensorboard_run
         self._best_val_loss = math.inf
         self._metrics_file = None
@@ -384,7 +384,7 @@ class RunLogger:
             self._writer = self._open_tensorboard(writer_cls, resume_step)
         if wandb_module is not None:
             try:
-                self._open_wandb(wandb_module, config, state, wandb_project, wandb_run_name)
+                self._open_wandb(wandb_module, config, state, wandb_project, run_name)
             except BaseException:
                 self.close()
                 raise

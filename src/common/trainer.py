@@ -195,7 +195,7 @@ class Trainer:
                                     use_wandb=cfg.use_wandb, config=config_to_dict(cfg),
                                     resume_step=self.step if plan.checkpoint is not None else None,
                                     state=(plan.checkpoint or {}).get("logger"), wandb_project=cfg.wandb_project,
-                                    wandb_run_name=cfg.run_name or None)
+                                    run_name=cfg.run_name or None)
         self.shutdown = GracefulShutdown(watch_launcher="TORCHELASTIC_RUN_ID" in os.environ)
         self.timer = StepTimer()
         self.flops_per_token = flops_per_token(self.raw_model.num_params(), cfg.n_layer, cfg.n_embd,
