@@ -48,6 +48,7 @@ class TrainConfig:
     vocab_size: int = _field(50257, ge=1)  # padded up to a multiple of 64 inside the model
     dropout: float = _field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
+    init_from: str = ""  # local Hugging Face GPT-2 directory a fresh run starts from (its weights and shape)
     # optimisation
     max_steps: int = _field(0, ge=0)  # 0: size the run from the dataset's expected tokens and `epochs`
     epochs: float = _field(1.0, gt=0.0)

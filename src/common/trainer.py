@@ -49,6 +49,7 @@ from common.dist import (
 )
 from common.errors import RunFailed, UserError
 from common.faults import FaultPlan, Heartbeat, Recovery, SpikeGuard, describe_skip
+from common.hf import config_for_init, read_hf_model
 from common.logger import RunLogger, log_to_file, setup_logging
 from common.metrics import (
     StepTimer,
@@ -162,6 +163,10 @@ class Trainer:
 
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.raw_model = spec.build(GPTConfig.from_train_config(cfg)).to(ctx.device)
+        if cfg.init_from and plan.checkpoint is None:
+            _, hf_state = read_hf_model(cfg.init_from, block_size=cfg.block_size)
+            spec.load_state(self.raw_model, hf_state, False)
+            log.info("weights from the Hugging Face model in %s (continued pretraining)", cfg.init_from)
         self.optimizer = build_adamw(self.raw_model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                      betas=(cfg.beta1, cfg.beta2))
         self.loader = ShardedTrainLoader(cfg.data_dir, block_size=cfg.block_size,
@@ -683,6 +688,8 @@ def train(cfg: TrainConfig, make_spec: Callable[[Any, DistContext], ModelSpec],
     trainer: Trainer | None = None
     try:
         plan = resolve_run(cfg, explicit or set(), ctx)
+        if plan.cfg.init_from and plan.checkpoint is None:  # a fresh run takes the model's shape from there
+            plan.cfg = config_for_init(plan.cfg, explicit or set())
         log_to_file(Path(plan.cfg.log_dir))  # a resumed run logs where it did before
         trainer = Trainer(plan, ctx, make_spec)
         return trainer.run()
