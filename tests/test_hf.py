@@ -129,6 +129,9 @@ def test_bias_free_model_exports_as_zero_biases(tmp_path: Path) -> None:
     theirs = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert not theirs.transformer.h[0].mlp.c_fc.bias.any()
     assert_same_logits(ours, theirs, length=16)
+    with pytest.raises(UserError, match=r"no place for \(transformer.h.0.attn.rotary.inv_freq\)"):
+        write_hf_model(tmp_path / "odd", {**ours.state_dict(), "transformer.h.0.attn.rotary.inv_freq": torch.ones(4)},
+                       cfg, eot_token=None)
 
 
 def test_export_refusals_keep_what_exists(checkpoints: dict[str, Path], tmp_path: Path) -> None:
