@@ -1,13 +1,18 @@
-"""Export an FP8-trained checkpoint to the plain model's format.
+"""Export a checkpoint of either trainer: to the plain model's format, or as a Hugging Face GPT-2.
 
     python src/export_checkpoint.py checkpoints_fp8/best.pt checkpoints/from_fp8.pt
+    python src/export_checkpoint.py checkpoints/best.pt hf/my_gpt --format hf
 
-The output holds the weights as the ordinary GPT names them (TransformerEngine's FP8 scaling
+The plain output holds the weights as the ordinary GPT names them (TransformerEngine's FP8 scaling
 state dropped, DDP / torch.compile prefixes stripped, float32), the run's config without the FP8
 fields, the step, epoch and validation loss, and a `meta` naming the source file and its
 precision. It holds no optimizer state: training from it starts a fresh optimizer. Beside OUT.pt
 an OUT.json sidecar (common/checkpoint.py's format) repeats step, epoch, val_loss, meta, sha256
 and size. Both files are written atomically; an existing OUT is kept unless --force is given.
+
+`--format hf` writes a directory that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads
+(config.json, model.safetensors, and the tokenizer files of the run's tiktoken encoding, made
+offline; common/hf.py). It is written beside DEST and renamed into place when complete.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import argparse
 import contextlib
 import logging
 import pickle
+import shutil
+import uuid
 from contextlib import AbstractContextManager as ContextManager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +33,8 @@ from common.checkpoint import sha256_file as sha256_of
 from common.checkpoint import write_checkpoint
 from common.errors import UserError, run_cli
 from common.fp8 import is_extra_state_key
+from common.hf import run_tokenizer_name, write_hf_model, write_tokenizer
+from common.model import GPT, GPTConfig
 
 log = logging.getLogger("export_checkpoint")
 
@@ -40,9 +49,14 @@ NO_OPTIMIZER_NOTE = "weights only: no optimizer state; training from this file s
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="export_checkpoint.py",
-        description="Convert an FP8 (TransformerEngine) checkpoint into one the plain model loads.")
-    parser.add_argument("source", type=Path, help="FP8-trained checkpoint (.pt)")
-    parser.add_argument("dest", type=Path, help="where to write the plain checkpoint (.pt)")
+        description="Convert a checkpoint (either trainer's) into one the plain model loads, or a Hugging Face "
+                    "GPT-2 directory.")
+    parser.add_argument("source", type=Path, help="checkpoint (.pt)")
+    parser.add_argument("dest", type=Path, help="where to write: OUT.pt, or a directory with --format hf")
+    parser.add_argument("--format", choices=("pt", "hf"), default="pt",
+                        help="pt: the plain model's checkpoint; hf: a transformers GPT2LMHeadModel directory")
+    parser.add_argument("--tokenizer", help="--format hf: the tiktoken encoding to write tokenizer files for "
+                                            "(default: the one of the run's dataset)")
     parser.add_argument("--force", action="store_true", help="replace DEST if it exists")
     return parser.parse_args(argv)
 
@@ -157,10 +171,91 @@ def build_export(ckpt: dict[str, Any], source: Path, source_sha256: str) -> dict
     return out
 
 
+def model_config(ckpt: dict[str, Any], source: Path) -> GPTConfig:
+    """The GPT shape recorded in a checkpoint's config."""
+    config = ckpt.get("config")
+    names = list(GPTConfig.__dataclass_fields__)
+    if not isinstance(config, dict) or any(k not in config for k in ("n_layer", "n_head", "n_embd", "block_size")):
+        raise UserError(f"{source}: the checkpoint holds no model config (n_layer, n_head, n_embd, block_size)")
+    return GPTConfig(**{k: config[k] for k in names if k in config})
+
+
+def load_plain_model(source: Path) -> tuple[dict[str, Any], GPTConfig, dict[str, torch.Tensor]]:
+    """A checkpoint of either trainer, its model's config and its weights in the plain GPT's format
+    (checked: they load into that GPT strictly)."""
+    ckpt = load_source(source)
+    try:
+        state = export_plain_state_dict(ckpt["model"])
+    except ValueError as err:
+        raise UserError(f"{source}: {err}") from None
+    cfg = model_config(ckpt, source)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise UserError(f"{source}: the weights do not fit the model its config describes "
+                        f"({' '.join(str(err).split())[:200]})") from None
+    return ckpt, cfg, state
+
+
+def export_hf(source: Path, dest: Path, *, tokenizer: str | None, force: bool) -> int:
+    if dest.suffix == ".pt":
+        raise UserError(f"{dest}: --format hf writes a directory; give a directory name")
+    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())) and not force:
+        raise UserError(f"{dest} already exists; choose another name or pass --force to replace it")
+    ckpt, cfg, state = load_plain_model(source)
+    name = tokenizer or run_tokenizer_name(ckpt["config"])
+    staging = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir(parents=True)
+        eot = _write_tokenizer_files(staging, name, explicit=tokenizer is not None)
+        write_hf_model(staging, state, cfg, eot)
+        _replace_dir(staging, dest)
+    except OSError as err:
+        raise UserError(f"cannot write {dest}: {err.strerror or err}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s: GPT2LMHeadModel (%d layers, %d heads, %d dims, vocabulary %d, %d positions) from %s step %s%s",
+             dest, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.block_size, source, ckpt.get("step"),
+             f", tokenizer {name}" if eot is not None else ", no tokenizer files")
+    return 0
+
+
+def _write_tokenizer_files(directory: Path, name: str | None, *, explicit: bool) -> int | None:
+    """The tokenizer files (end-of-text id), or None with a warning when the run's tokenizer
+    cannot be written; an explicit --tokenizer that cannot be is an error."""
+    if name is None:
+        log.warning("no tokenizer files: the run's data directory does not say which tokenizer it used; pass "
+                    "--tokenizer NAME (e.g. gpt2)")
+        return None
+    try:
+        return write_tokenizer(directory, name)
+    except (UserError, ValueError) as err:
+        if explicit:
+            raise UserError(f"--tokenizer {name}: cannot write its files: {err}") from None
+        log.warning("no tokenizer files: tokenizer %r cannot be written (%s); pass --tokenizer NAME", name, err)
+        return None
+
+
+def _replace_dir(staging: Path, dest: Path) -> None:
+    """Put the complete `staging` directory at `dest`, replacing what is there (--force)."""
+    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+    if dest.exists():
+        dest.rename(old)
+    staging.rename(dest)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     source, dest = args.source, args.dest
+    if args.format == "hf":
+        return export_hf(source, dest, tokenizer=args.tokenizer, force=args.force)
     if dest.suffix != ".pt":
         raise UserError(f"{dest}: the output name must end in .pt (its sidecar is the same name with .json)")
     if dest.exists() and source.exists() and dest.resolve() == source.resolve():

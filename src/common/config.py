@@ -48,6 +48,7 @@ class TrainConfig:
     vocab_size: int = _field(50257, ge=1)  # padded up to a multiple of 64 inside the model
     dropout: float = _field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
+    init_from: str = ""  # local Hugging Face GPT-2 directory a fresh run starts from (its weights and shape)
     # optimisation
     max_steps: int = _field(0, ge=0)  # 0: size the run from the dataset's expected tokens and `epochs`
     epochs: float = _field(1.0, gt=0.0)
@@ -63,6 +64,8 @@ class TrainConfig:
     eval_batches: int = _field(20, ge=0)  # micro-batches per rank per evaluation
     sample_tokens: int = _field(64, ge=0)  # 0 disables the text sample at each evaluation
     sample_prompt: str = "def "
+    hellaswag_path: str = ""  # HellaSwag validation jsonl, dataset directory or HF id, scored during training
+    hellaswag_freq: int = _field(0, ge=0)  # steps between HellaSwag scores (and the last step); 0: with eval_freq
     # checkpoints
     checkpoint_dir: str = "./checkpoints"
     checkpoint_freq: int = _field(250, ge=1)
@@ -106,6 +109,10 @@ class TrainConfig:
         if self.eval_freq and not self.eval_batches:
             raise UserError("--eval_batches 0 leaves every evaluation empty; use --eval_batches 1 or more, "
                             "or --eval_freq 0 to turn evaluation off")
+        if self.hellaswag_freq and not self.hellaswag_path:
+            raise UserError("--hellaswag_freq needs --hellaswag_path (HellaSwag's hellaswag_val.jsonl or a dataset id)")
+        if self.hellaswag_path and not (self.hellaswag_freq or self.eval_freq):
+            raise UserError("--hellaswag_path with --eval_freq 0 needs --hellaswag_freq N (steps between scores)")
         from common.faults import parse_fault_plan  # a malformed drill is refused before any step
         parse_fault_plan(self.inject_fault)
 

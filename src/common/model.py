@@ -127,14 +127,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits over the real vocabulary (padding rows sliced off); loss when targets given."""
-        _, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+        x = self._hidden_states(idx)
         if targets is None:
             # Generation needs only the last position: skip the full (T, vocab) product.
             logits = self.lm_head(x[:, -1:, :])[..., : self.config.vocab_size]
@@ -145,6 +138,22 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits[..., : self.config.vocab_size], loss
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits at every position over the real vocabulary, (B, T, vocab_size): for scoring every
+        token (evaluations) and conversion checks. Training goes through `forward`."""
+        return self.lm_head(self._hidden_states(idx))[..., : self.config.vocab_size]
+
+    def _hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm's output for every position, (B, T, n_embd)."""
+        _, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +48,9 @@ from common.dist import (
     tighten_timeout,
 )
 from common.errors import RunFailed, UserError
+from common.evals import Example, load_task, score
 from common.faults import FaultPlan, Heartbeat, Recovery, SpikeGuard, describe_skip
+from common.hf import config_for_init, read_hf_model
 from common.logger import RunLogger, log_to_file, setup_logging
 from common.metrics import (
     StepTimer,
@@ -159,9 +161,14 @@ class Trainer:
         self.val_reader = ValReader(self.index, block_size=cfg.block_size, micro_batch_size=cfg.batch_size,
                                     rank=ctx.rank, world_size=ctx.world_size, max_batches=cfg.eval_batches,
                                     device=ctx.device, vocab_size=cfg.vocab_size) if cfg.eval_freq else None
+        self.hellaswag = self._load_hellaswag() if cfg.hellaswag_path else None  # checked now, like the above
 
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.raw_model = spec.build(GPTConfig.from_train_config(cfg)).to(ctx.device)
+        if cfg.init_from and plan.checkpoint is None:
+            _, hf_state = read_hf_model(cfg.init_from, block_size=cfg.block_size)
+            spec.load_state(self.raw_model, hf_state, False)
+            log.info("weights from the Hugging Face model in %s (continued pretraining)", cfg.init_from)
         self.optimizer = build_adamw(self.raw_model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                      betas=(cfg.beta1, cfg.beta2))
         self.loader = ShardedTrainLoader(cfg.data_dir, block_size=cfg.block_size,
@@ -266,6 +273,12 @@ class Trainer:
             # Measured with the same thread budget the rank trains with: the CPU's own MFU.
             return measure_matmul_peak(self.ctx.device, n=1024, repeats=8), "measured fp32 matmul peak"
         return None, "unknown"
+
+    def _load_hellaswag(self) -> list[Example]:
+        """HellaSwag's examples in the dataset's tokens (missing or malformed data: UserError now)."""
+        def encoder() -> Callable[[str], list[int]]:
+            return get_tokenizer(self.index.tokenizer_name).encode_ordinary
+        return load_task("hellaswag", self.cfg.hellaswag_path, encoder, self.cfg.vocab_size, self.ctx)
 
     def _load_tokenizer(self) -> Any:
         """The dataset's tokenizer, for text samples only: the training data is already tokenized,
@@ -378,6 +391,25 @@ class Trainer:
         log.info("step %d | val_loss %.4f | best %.4f%s", self.step, val_loss, self.best_val_loss,
                  " (new best)" if improved else "")
         return improved
+
+    def _hellaswag_due(self, step: int) -> bool:
+        freq = self.cfg.hellaswag_freq or self.cfg.eval_freq
+        return self.hellaswag is not None and (step % freq == 0 or step == self.max_steps)
+
+    @contextlib.contextmanager
+    def _eval_forward(self) -> Iterator[None]:
+        with self._autocast(), self.spec.forward_context(None):
+            yield
+
+    def _hellaswag_and_log(self) -> None:
+        """Every rank scores its share of HellaSwag; rank 0 logs eval/hellaswag_acc(_norm)."""
+        assert self.hellaswag is not None
+        started = time.perf_counter()
+        scores = score(self.raw_model, self.hellaswag, self.ctx, forward_context=self._eval_forward)
+        values = {"eval/hellaswag_acc": scores.acc, "eval/hellaswag_acc_norm": scores.acc_norm}
+        self.run_logger.log_event(self.step, "hellaswag", {**values, "examples": scores.examples}, values)
+        log.info("step %d | hellaswag acc %.4f | acc_norm %.4f | %d examples in %.1f s", self.step, scores.acc,
+                 scores.acc_norm, scores.examples, time.perf_counter() - started)
 
     def _rank0_extras(self) -> None:
         """Work rank 0 does alone at an evaluation (text sample, charts), the others waiting on the
@@ -608,6 +640,10 @@ class Trainer:
             self._log_pending_reports()
             if self._evaluate_and_log():
                 tiers.add("best")
+        hellaswag = self._hellaswag_due(step)
+        if hellaswag:
+            self._log_pending_reports()
+            self._hellaswag_and_log()
         if step % cfg.checkpoint_freq == 0:
             tiers |= {"latest", "rolling"}
         if self.epochs_completed() != self._epochs_before_step:
@@ -620,7 +656,7 @@ class Trainer:
         extras = bool(cfg.eval_freq and step % cfg.eval_freq == 0) or bool(cfg.viz_freq and step % cfg.viz_freq == 0)
         if extras:
             self._rank0_extras()
-        return bool(tiers) or extras
+        return bool(tiers) or extras or hellaswag
 
     def _stall_message(self, err: BaseException) -> str:
         good = f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good else "none yet"
@@ -692,6 +728,8 @@ def train(cfg: TrainConfig, make_spec: Callable[[Any, DistContext], ModelSpec],
     trainer: Trainer | None = None
     try:
         plan = resolve_run(cfg, explicit or set(), ctx)
+        if plan.cfg.init_from and plan.checkpoint is None:  # a fresh run takes the model's shape from there
+            plan.cfg = config_for_init(plan.cfg, explicit or set())
         log_to_file(Path(plan.cfg.log_dir))  # a resumed run logs where it did before
         trainer = Trainer(plan, ctx, make_spec)
         return trainer.run()
