@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import SRC, TINY_FLAGS, read_metrics, run, run_dirs, torchrun_cmd
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from runs import SRC, TINY_FLAGS, read_metrics, run, run_dirs, tensorboard_events, torchrun_cmd
 from transformers import GPT2LMHeadModel
 
 from common.config import TrainConfig, parse_args
@@ -175,8 +174,7 @@ def test_in_loop_scores_once_per_step_across_a_crash_and_resume(crashed_and_resu
     assert rows[:2] == hellaswag_rows(before)  # exact resume: the same weights, the same numbers
     assert all(r["examples"] == EXAMPLES and set(r) >= {"eval/hellaswag_acc", "eval/hellaswag_acc_norm"}
                for r in rows)
-    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
+    events = tensorboard_events(run_dir / "logs")
     for tag in ("eval/hellaswag_acc", "eval/hellaswag_acc_norm"):
         scalars = events.Scalars(tag)
         assert [e.step for e in scalars] == [2, 4, 6, 8], tag
