@@ -42,7 +42,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' else 1)" 2>/dev/null \
 	  || $(PY) -m pip install --retries 1 --timeout 30 "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,tokenizers]"
 	@touch $@
 
 data: setup
