@@ -137,6 +137,22 @@ def test_gpt2_data_keeps_no_tokenizer_files(prepared_data: Path) -> None:
     assert dataset_tokenizer(prepared_data).eot_token == 50256
 
 
+def test_sample_ids_a_tokenizer_lacks_are_dropped_when_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model's padded vocabulary, or ids a tiktoken encoding leaves unused (cl100k_base has such
+    gaps, and cannot be loaded offline: an encoding with a gap stands in), decode to nothing."""
+    import tiktoken
+
+    import common.tokenizer as tokenizer_module
+    base = tiktoken.get_encoding("r50k_base")
+    gapped = tiktoken.Encoding("gapped", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                               special_tokens={"<|endoftext|>": 50300})  # ids 50257..50299 unused
+    monkeypatch.setattr(tokenizer_module, "get_tokenizer", lambda name: gapped)
+    tok = tokenizer_module.TiktokenTokenizer("gapped")
+    hello_world = tok.encode_ordinary("Hello world")
+    assert tok.decode([hello_world[0], 50260, *hello_world[1:], 50301, 99_999]) == "Hello world"
+    assert (tok.eot_token, tok.separator, tok.n_vocab) == (50300, "<|endoftext|>", 50301)
+
+
 def test_large_vocabulary_is_written_in_llmc_llama3_layout(datasets: dict) -> None:
     data, _ = datasets["bpe_uint32"]
     top = 0
