@@ -42,7 +42,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' else 1)" 2>/dev/null \
 	  || $(PY) -m pip install --retries 1 --timeout 30 "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
-	$(PY) -m pip install -q -e ".[dev,hf]"
+	$(PY) -m pip install -q -e ".[dev,hf,tokenizers]"
 	@touch $@
 
 data: setup
@@ -55,7 +55,7 @@ train: data
 	@echo "Next:"
 	@echo "  make tensorboard                    the curves in your browser (also over ssh: it prints the tunnel line)"
 	@echo "  make checkpoints                    the checkpoints with their step, val loss and validity"
-	@echo "  ls logs/*.png                       the same curves as PNG charts"
+	@echo "  ls logs/plots/                      the same curves as PNG charts"
 	@echo "  make train ARGS='--max_steps 300'   train this run further"
 	@echo "  make test                           the test suite"
 

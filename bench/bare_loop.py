@@ -27,12 +27,12 @@ sys.path.insert(0, str(SRC))
 import torch  # noqa: E402
 
 from common.config import TrainConfig, parse_args  # noqa: E402
-from common.data import ShardedTrainLoader  # noqa: E402
+from common.data import DatasetIndex, ShardedTrainLoader  # noqa: E402
 from common.dist import choose_device, seed_everything, set_cpu_threads  # noqa: E402
 from common.metrics import flops_per_token, measure_matmul_peak  # noqa: E402
 from common.model import GPT, GPTConfig  # noqa: E402
 from common.optim import build_adamw  # noqa: E402
-from common.trainer import resolve_autocast_dtype  # noqa: E402
+from common.trainer import resolve_autocast_dtype, with_dataset_vocab  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -52,6 +52,7 @@ def run(cfg: TrainConfig, warmup: int, peak_n: int, loader_batches: int) -> dict
     if accum < 1 or rest or cfg.max_steps <= warmup:
         raise SystemExit("need total_batch_size a multiple of batch_size * block_size, max_steps > bench_warmup")
     seed_everything(cfg.seed)
+    cfg = with_dataset_vocab(cfg, DatasetIndex.open(cfg.data_dir))
     model = GPT(GPTConfig.from_train_config(cfg)).to(device)
     optimizer = build_adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     forward = torch.compile(model) if (cfg.compile if cfg.compile is not None else device.type == "cuda") else model

@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,10 +26,10 @@ from common.dist import destroy, init_distributed
 from common.errors import UserError, run_cli
 from common.evals import TASKS, load_task, score
 from common.fsutil import atomic_write_text
-from common.hf import read_hf_model, run_tokenizer_name
+from common.hf import read_hf_model
 from common.logger import setup_logging
 from common.model import GPT
-from common.tokenizer import get_tokenizer
+from common.tokenizer import dataset_tokenizer, get_tokenizer
 from export_checkpoint import load_plain_model
 
 log = logging.getLogger("evaluate")
@@ -48,18 +49,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_model(path: Path) -> tuple[GPT, str | None]:
-    """The model (fp32, eval mode) and the tokenizer its run trained with (None if unknown)."""
+    """The model (fp32, eval mode) and the data directory its run trained on (None if unknown)."""
     if path.is_dir():
         cfg, state = read_hf_model(path)
-        run_tokenizer = None
+        data_dir = None
     elif path.is_file():
         ckpt, cfg, state = load_plain_model(path)
-        run_tokenizer = run_tokenizer_name(ckpt["config"])
+        data_dir = ckpt["config"].get("data_dir")
+        data_dir = data_dir if isinstance(data_dir, str) and Path(data_dir).is_dir() else None
     else:
         raise UserError(f"{path}: no such checkpoint file or directory")
     model = GPT(cfg)
     model.load_state_dict(state)
-    return model.eval(), run_tokenizer
+    return model.eval(), data_dir
+
+
+def encoder(tokenizer: str | None, data_dir: str | None) -> tuple[str, Callable[[], Callable[[str], list[int]]]]:
+    """(name, loader of an encode function): --tokenizer, else the run's dataset's own tokenizer
+    (tiktoken, Hugging Face or SentencePiece), else gpt2."""
+    if tokenizer or not data_dir:
+        name = tokenizer or "gpt2"
+        if not tokenizer:
+            log.info("the checkpoint does not say which data its run used: gpt2 (--tokenizer to choose)")
+        return name, lambda: get_tokenizer(name).encode_ordinary
+    return f"of {data_dir}", lambda: dataset_tokenizer(data_dir).encode_ordinary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,12 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_distributed(args.device)
     setup_logging(is_main=ctx.is_main, rank=ctx.rank)
     try:
-        model, run_tokenizer = load_model(args.checkpoint)
-        name = args.tokenizer or run_tokenizer or "gpt2"
-        if not (args.tokenizer or run_tokenizer):
-            log.info("the checkpoint does not say which tokenizer its run used: gpt2 (--tokenizer to choose)")
-        examples = load_task(args.task, args.data, lambda: get_tokenizer(name).encode_ordinary,
-                             model.config.vocab_size, ctx)
+        model, data_dir = load_model(args.checkpoint)
+        name, encode = encoder(args.tokenizer, data_dir)
+        examples = load_task(args.task, args.data, encode, model.config.vocab_size, ctx)
         model.to(ctx.device)
         log.info("%s: %d examples on %d rank(s), tokenizer %s", args.task, len(examples), ctx.world_size, name)
         started = time.perf_counter()

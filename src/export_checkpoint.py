@@ -31,10 +31,12 @@ import torch
 
 from common.checkpoint import sha256_file as sha256_of
 from common.checkpoint import write_checkpoint
+from common.data import DatasetIndex
 from common.errors import UserError, run_cli
 from common.fp8 import is_extra_state_key
 from common.hf import run_tokenizer_name, write_hf_model, write_tokenizer
 from common.model import GPT, GPTConfig
+from common.tokenizer import tokenizer_files
 
 log = logging.getLogger("export_checkpoint")
 
@@ -209,7 +211,8 @@ def export_hf(source: Path, dest: Path, *, tokenizer: str | None, force: bool) -
     staging = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir(parents=True)
-        eot = _write_tokenizer_files(staging, name, explicit=tokenizer is not None)
+        copied = None if tokenizer else _copy_dataset_tokenizer(staging, ckpt["config"])
+        eot = copied if copied is not None else _write_tokenizer_files(staging, name, explicit=tokenizer is not None)
         write_hf_model(staging, state, cfg, eot)
         _replace_dir(staging, dest)
     except OSError as err:
@@ -220,6 +223,20 @@ def export_hf(source: Path, dest: Path, *, tokenizer: str | None, force: bool) -
              dest, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.block_size, source, ckpt.get("step"),
              f", tokenizer {name}" if eot is not None else ", no tokenizer files")
     return 0
+
+
+def _copy_dataset_tokenizer(directory: Path, config: dict[str, Any]) -> int | None:
+    """A Hugging Face or SentencePiece tokenizer kept beside the run's shards, copied next to the
+    weights (its end-of-text id), or None when the dataset has none to copy (tiktoken: written
+    from the encoding instead)."""
+    data_dir = config.get("data_dir")
+    if not isinstance(data_dir, str) or not Path(data_dir).is_dir():
+        return None
+    index = DatasetIndex.open(data_dir)
+    files = tokenizer_files(index)
+    for path in files:
+        shutil.copyfile(path, directory / path.name)
+    return index.eot_token if files else None
 
 
 def _write_tokenizer_files(directory: Path, name: str | None, *, explicit: bool) -> int | None:

@@ -3,8 +3,9 @@
     python src/plot_metrics.py LOG_DIR [--out DIR] [--window N]
 
 Writes loss.png (train loss, its moving average, val loss), learning_rate.png, throughput.png,
-grad_norm.png, mfu.png and memory.png when the run logged them, and training_latest.png with all
-of them in one grid. Default output directory: LOG_DIR/plots. Safe to run while training writes.
+grad_norm.png, val_accuracy.png, mfu.png and memory.png when the run logged them, and
+training_latest.png with all of them in one grid. Default output directory: LOG_DIR/plots. Safe to
+run while training writes.
 """
 from __future__ import annotations
 

@@ -3,12 +3,18 @@
     python src/prepare_data.py --dataset stdlib --out data/stdlib
     python src/prepare_data.py --dataset 'corpus/**/*.jsonl' --out data/mine --text_field body
     python src/prepare_data.py --dataset HuggingFaceFW/fineweb-edu --dataset_config sample-10BT \
-        --out data/fineweb --shard_tokens 100000000
+        --out data/fineweb --shard_tokens 100000000 --tokenizer meta-llama/Meta-Llama-3.1-8B
+    python src/prepare_data.py --dataset stdlib --out data/stdlib_bpe --train_tokenizer bpe --vocab_size 32768
+    python src/prepare_data.py --dataset chats.jsonl --out data/chat --tokenizer my_tokenizer_dir \
+        --allow_special '<|im_start|>,<|im_end|>'
 
-Documents -> tiktoken in a worker pool -> one token stream with the end-of-text token before every
-document -> the first --val_tokens to val_000000.bin[.lz4]..., the rest to train_000000... Each
-shard is written under a temporary name and renamed when complete; meta.json is rewritten after
-every shard, so a trainer may read the directory while it grows.
+Documents -> the tokenizer (common.tokenizer: tiktoken, a Hugging Face tokenizer.json, a
+SentencePiece model, or a byte-level BPE trained here first) in a worker pool -> one token stream
+with the tokenizer's separator before every document -> the first --val_tokens to
+val_000000.bin[.lz4]..., the rest to train_000000... (uint16 tokens, uint32 in llm.c's Llama 3
+layout above 65,536 ids). Each shard is written under a temporary name and renamed when complete;
+meta.json is rewritten after every shard, so a trainer may read the directory while it grows. The
+tokenizer's files are copied beside the shards and listed in meta.json.
 
 Run the same command again to continue an interrupted run, or to append shards after the corpus
 grew: the stream is tokenized again, the finished shards are checked against it (never rewritten)
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import logging
@@ -41,9 +48,9 @@ from typing import Any
 import numpy as np
 
 from common.dataset_writer import DatasetWriter, DirectoryLock, remove_stale_temporaries
-from common.errors import RunFailed, UserError, run_cli
+from common.errors import RunFailed, UserError, one_line, run_cli
+from common.fsutil import sha256_file
 from common.shards import (
-    GPT2_VOCAB_SIZE,
     MAX_SHARD_TOKENS,
     MAX_VOCAB,
     META_FORMAT_VERSION,
@@ -54,7 +61,19 @@ from common.shards import (
     shard_path,
     verify_shard,
 )
-from common.tokenizer import encode_documents, encode_in_worker, get_tokenizer, init_worker
+from common.tokenizer import (
+    HF_CONFIG_FILE,
+    HF_TOKENIZER_FILE,
+    HUGGINGFACE,
+    TokenizerSpec,
+    encode_documents,
+    encode_in_worker,
+    init_worker,
+    resolve_tokenizer,
+    store_tokenizer_files,
+    tokenizer_files,
+    train_bpe,
+)
 
 log = logging.getLogger("prepare_data")
 
@@ -74,27 +93,34 @@ def main() -> int:
     out = Path(args.out)
     previous = read_meta(out) if out.is_dir() else None
     settings = layout_settings(args, source, previous)
-    check_same_layout(out, previous, args.tokenizer, source.name, settings)
-    enc = get_tokenizer(args.tokenizer)
-    if enc.n_vocab > MAX_VOCAB:
-        raise UserError(f"tokenizer {args.tokenizer} has {enc.n_vocab} tokens, more than the uint16 shard format "
-                        f"holds ({MAX_VOCAB}); use gpt2, r50k_base or p50k_base")
+    requested = None if args.train_tokenizer else requested_tokenizer(args)
+    tokenizer_name = requested.name if requested else trained_tokenizer_name(args.vocab_size)
+    check_same_layout(out, previous, tokenizer_name, source.name, settings)
+    if requested is not None:
+        requested.load()  # a tokenizer that cannot be loaded, or lacks an --allow_special token: before any write
     lock = open_output(out, previous)
 
     if is_up_to_date(out, previous, source.fingerprint, args.max_tokens):
         log.info("%s is up to date (%s train tokens); nothing to do", out, f"{previous['expected_train_tokens']:,}")
         return 0
+    if requested is None:
+        spec, files = train_tokenizer(args, out, previous, source)
+    else:
+        spec, files = install_tokenizer(requested, out, previous)
+    tok = spec.load()
     meta = {
-        "format_version": META_FORMAT_VERSION, "tokenizer": args.tokenizer, "vocab_size": enc.n_vocab,
-        "eot_token": enc.eot_token, "source": source.name, "settings": settings,
-        "source_fingerprint": source.fingerprint, "max_tokens": args.max_tokens,
+        "format_version": META_FORMAT_VERSION, "tokenizer": spec.name, "tokenizer_kind": spec.kind,
+        "tokenizer_files": files, "vocab_size": tok.n_vocab, "eot_token": tok.eot_token, "source": source.name,
+        "settings": settings, "source_fingerprint": source.fingerprint, "max_tokens": args.max_tokens,
         "shards": previous["shards"] if previous else [], "complete": False,
     }
     writer = DatasetWriter(out, meta, shard_tokens=settings["shard_tokens"], val_tokens=settings["val_tokens"],
                            compress=settings["compress"] == "lz4", max_tokens=args.max_tokens)
+    log.info("tokenizer %s (%s): %s tokens, %r (id %d) before every document, %s shards of %s tokens", spec.name,
+             spec.kind, f"{tok.n_vocab:,}", tok.separator, tok.eot_token, writer.layout.name, writer.dtype.name)
     started = time.monotonic()
     try:
-        exhausted = write_stream(writer, source, args.tokenizer, args.workers)
+        exhausted = write_stream(writer, source, spec, args.workers)
     except KeyboardInterrupt:
         log.info("interrupted: %d shards are finished in %s; run the same command again to continue",
                  len(writer.finished), out)
@@ -125,7 +151,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify", metavar="DIR",
                    help="instead of preparing, check every shard of a prepared directory: header, size, the "
                         "sha256 and tokens_sha256 recorded in meta.json, token ids below the vocabulary size")
-    p.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding or model name (default gpt2)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a tiktoken encoding or model name (default gpt2), a Hugging Face tokenizer (a directory "
+                        "holding tokenizer.json, a tokenizer.json, or a hub id), or a SentencePiece .model file")
+    p.add_argument("--train_tokenizer", choices=("bpe",), default=None,
+                   help="train a byte-level BPE tokenizer of --vocab_size tokens on the source, keep it beside the "
+                        "shards (tokenizer.json) and tokenize with it")
+    p.add_argument("--vocab_size", type=int, default=None, help="tokens of the tokenizer --train_tokenizer trains")
+    p.add_argument("--allow_special", type=_token_list, default=(), metavar="TOKENS",
+                   help="special tokens recognised inside documents, comma-separated (e.g. '<|im_start|>,<|im_end|>' "
+                        "for ChatML); any other special-token text is encoded as plain text. A trained tokenizer "
+                        "gets them as special tokens")
     p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
     p.add_argument("--val_tokens", type=int, default=None,
                    help="tokens of the validation split (default: about 3%% of the source, at most 10M)")
@@ -138,6 +174,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.verify is not None and (args.dataset or args.out):
         raise UserError("--verify DIR checks a prepared directory: give it without --dataset and --out")
+    if args.train_tokenizer:
+        if args.tokenizer is not None:
+            raise UserError("--tokenizer names an existing tokenizer and --train_tokenizer trains one: give only one")
+        if args.vocab_size is None:
+            raise UserError("--train_tokenizer bpe needs --vocab_size N (e.g. 32768)")
+        smallest = MIN_TRAINED_VOCAB + len(special_tokens_to_train(args))
+        if not smallest <= args.vocab_size <= MAX_VOCAB:
+            raise UserError(f"--vocab_size {args.vocab_size}: a byte-level BPE tokenizer holds at least the 256 bytes "
+                            f"and its special tokens ({smallest}), at most {MAX_VOCAB:,} ids")
+    elif args.vocab_size is not None:
+        raise UserError("--vocab_size sets the size of the tokenizer --train_tokenizer trains; use it with "
+                        "--train_tokenizer bpe (an existing tokenizer has its own)")
+    else:
+        args.tokenizer = args.tokenizer or "gpt2"
     if args.verify is None and not (args.dataset and args.out):
         raise UserError("--dataset and --out are required (or --verify DIR to check a prepared directory)")
     for name in ("shard_tokens", "workers", "max_tokens", "val_tokens"):
@@ -169,7 +219,8 @@ def layout_settings(args: argparse.Namespace, source: Source, previous: dict[str
         raise UserError(f"--max_tokens {args.max_tokens} leaves nothing for training after --val_tokens "
                         f"{val_tokens}; raise --max_tokens or lower --val_tokens")
     return {"shard_tokens": args.shard_tokens, "val_tokens": val_tokens, "compress": args.compress,
-            "text_field": args.text_field, "dataset_config": args.dataset_config, "split": args.split}
+            "text_field": args.text_field, "dataset_config": args.dataset_config, "split": args.split,
+            "allow_special": list(args.allow_special)}
 
 
 def default_val_tokens(total_bytes: int | None, max_tokens: int | None) -> int:
@@ -189,7 +240,8 @@ def check_same_layout(out: Path, previous: dict[str, Any] | None, tokenizer: str
     new = {"tokenizer": tokenizer, "dataset": source, **settings}
     for key, value in new.items():
         if key in old and old[key] != value:
-            raise UserError(f"{out} was prepared with --{key} {old[key]}, not {value}; rerun with the same flags "
+            shown = [",".join(v) or "(none)" if isinstance(v, list) else v for v in (old[key], value)]
+            raise UserError(f"{out} was prepared with --{key} {shown[0]}, not {shown[1]}; rerun with the same flags "
                             "to continue it, or use a new --out directory")
 
 
@@ -220,6 +272,82 @@ def is_up_to_date(out: Path, previous: dict[str, Any] | None, fingerprint: str, 
         return True
     same_source = previous.get("source_fingerprint") == fingerprint
     return same_source and (previous.get("exhausted") or previous.get("max_tokens") == max_tokens)
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+MIN_TRAINED_VOCAB = 256  # a byte-level BPE starts from the 256 byte tokens
+TRAINED_EOT = "<|endoftext|>"
+
+
+def _token_list(value: str) -> tuple[str, ...]:
+    tokens = tuple(t for t in (part.strip() for part in value.split(",")) if t)
+    if not tokens:
+        raise argparse.ArgumentTypeError("name at least one token, e.g. '<|im_start|>,<|im_end|>'")
+    return tokens
+
+
+def special_tokens_to_train(args: argparse.Namespace) -> list[str]:
+    """The special tokens a trained tokenizer gets: its end-of-text token, then --allow_special's."""
+    return list(dict.fromkeys([TRAINED_EOT, *args.allow_special]))
+
+
+def trained_tokenizer_name(vocab_size: int) -> str:
+    return f"bpe-{vocab_size}"
+
+
+def requested_tokenizer(args: argparse.Namespace) -> TokenizerSpec:
+    """--tokenizer (found, not loaded yet) with the --allow_special tokens."""
+    return dataclasses.replace(resolve_tokenizer(args.tokenizer), allow_special=tuple(args.allow_special))
+
+
+def train_tokenizer(args: argparse.Namespace, out: Path, previous: dict[str, Any] | None,
+                    source: Source) -> tuple[TokenizerSpec, list[dict[str, str]]]:
+    """--train_tokenizer: train on the source and keep the tokenizer in `out`; a rerun that
+    continues the directory uses the tokenizer trained the first time."""
+    spec = TokenizerSpec.with_files(HUGGINGFACE, trained_tokenizer_name(args.vocab_size),
+                                    {name: out / name for name in (HF_TOKENIZER_FILE, HF_CONFIG_FILE)},
+                                    tuple(args.allow_special))
+    if previous is not None:
+        return spec, _kept_tokenizer_files(out, previous)
+    log.info("training a byte-level BPE tokenizer of %s tokens on %s", f"{args.vocab_size:,}", source.name)
+    started = time.monotonic()
+    progress = Progress(source.total_bytes, count_name="docs", unit="chars", bar=False)  # tokenizers draws its own
+    try:
+        train_bpe(_counted(source.documents(), progress), args.vocab_size, special_tokens_to_train(args), out,
+                  show_progress=sys.stderr.isatty())
+    finally:
+        progress.close()
+    spec, files = store_tokenizer_files(spec, out)
+    trained = spec.load().n_vocab
+    log.info("trained the tokenizer in %.1fs: %s tokens%s, saved as %s", time.monotonic() - started, f"{trained:,}",
+             " (the corpus offers no more merges)" if trained < args.vocab_size else "", out / HF_TOKENIZER_FILE)
+    return spec, files
+
+
+def _counted(documents: Iterator[str], progress: Progress) -> Iterator[str]:
+    chars = count = 0
+    for doc in documents:
+        chars, count = chars + len(doc), count + 1
+        progress.update(chars, count)
+        yield doc
+
+
+def install_tokenizer(spec: TokenizerSpec, out: Path,
+                      previous: dict[str, Any] | None) -> tuple[TokenizerSpec, list[dict[str, str]]]:
+    """Keep a copy of the tokenizer's files in `out`; refuse, on a rerun, files that changed since."""
+    if previous is not None:
+        kept = {e["file"]: e["sha256"] for e in _kept_tokenizer_files(out, previous)}
+        if kept != {stored: sha256_file(Path(path)) for stored, path in spec.files}:
+            raise UserError(f"--tokenizer {spec.name} changed since {out} was prepared with it (its files differ "
+                            f"from the copies in {out}); prepare into a new --out, or restore the tokenizer")
+    return store_tokenizer_files(spec, out)
+
+
+def _kept_tokenizer_files(out: Path, previous: dict[str, Any]) -> list[dict[str, str]]:
+    tokenizer_files(out)  # each checked against its sha256
+    return list(previous.get("tokenizer_files", []))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -320,7 +448,7 @@ def _local_documents(spec: str, files: list[Path], text_field: str) -> Iterator[
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - malformed input files surface as many exception types
-        raise UserError(f"cannot read --dataset {spec}: {_one_line(err)}") from None
+        raise UserError(f"cannot read --dataset {spec}: {one_line(err)}") from None
 
 
 def hub_source(name: str, config: str | None, split: str, text_field: str) -> Source:
@@ -328,7 +456,7 @@ def hub_source(name: str, config: str | None, split: str, text_field: str) -> So
         rows = _datasets().load_dataset(name, config, split=split, streaming=True)
     except Exception as err:  # noqa: BLE001 - hub, network and config errors alike
         raise UserError(f"--dataset {name!r} is neither stdlib, a local path, nor a loadable Hugging Face "
-                        f"dataset ({_one_line(err)}); check the name, --dataset_config and the network") from None
+                        f"dataset ({one_line(err)}); check the name, --dataset_config and the network") from None
     size = getattr(getattr(rows, "info", None), "dataset_size", None)
 
     def documents() -> Iterator[str]:
@@ -337,7 +465,7 @@ def hub_source(name: str, config: str | None, split: str, text_field: str) -> So
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - a dropped connection mid-stream
-            raise RunFailed(f"reading {name} failed ({_one_line(err)}); run the same command again to "
+            raise RunFailed(f"reading {name} failed ({one_line(err)}); run the same command again to "
                             "continue") from None
 
     return Source(name, _digest("hub", name, config, split), size, documents)
@@ -368,23 +496,18 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) < 300 else text[:297] + "..."
-
-
 # ----------------------------------------------------------------------------- tokenizing
 
 
-def write_stream(writer: DatasetWriter, source: Source, tokenizer: str, workers: int) -> bool:
+def write_stream(writer: DatasetWriter, source: Source, spec: TokenizerSpec, workers: int) -> bool:
     """Feed the source's tokens to the writer; True if the source was read to its end."""
     # concurrent.futures rather than multiprocessing.Pool: Pool.terminate() can deadlock when a
     # worker is stopped while it holds the task queue's lock (seen here when --max_tokens ends
     # the run early). Spawned workers: the parent already runs threads (tqdm, datasets).
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_pool_worker, initargs=(tokenizer,)) if workers > 1 else None
+                               initializer=_init_pool_worker, initargs=(spec, writer.dtype)) if workers > 1 else None
     progress = Progress(total=writer.max_tokens)
-    stream = tokenize(source.documents(), tokenizer, pool, workers)
+    stream = tokenize(source.documents(), spec, writer.dtype, pool, workers)
     seen_chars = 0
     try:
         for tokens, chars in stream:
@@ -405,13 +528,14 @@ def write_stream(writer: DatasetWriter, source: Source, tokenizer: str, workers:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def tokenize(documents: Iterator[str], tokenizer: str, pool: Any, workers: int) -> Iterator[tuple[np.ndarray, int]]:
+def tokenize(documents: Iterator[str], spec: TokenizerSpec, dtype: np.dtype, pool: Any,
+             workers: int) -> Iterator[tuple[np.ndarray, int]]:
     """(tokens, characters) per chunk of documents, in document order whatever the worker count."""
     chunks = chunked(documents)
     if pool is None:
-        enc = get_tokenizer(tokenizer)
+        tok = spec.load()
         for chunk in chunks:
-            yield encode_documents(enc, chunk), sum(map(len, chunk))
+            yield encode_documents(tok, chunk, dtype), sum(map(len, chunk))
         return
     # A bounded window of tasks in flight: ordered results without reading the whole corpus ahead.
     pending: deque = deque()
@@ -425,9 +549,9 @@ def tokenize(documents: Iterator[str], tokenizer: str, pool: Any, workers: int) 
         yield result.result(), chars
 
 
-def _init_pool_worker(tokenizer: str) -> None:
+def _init_pool_worker(spec: TokenizerSpec, dtype: np.dtype) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is handled once, by the parent
-    init_worker(tokenizer)
+    init_worker(spec, dtype)
 
 
 def chunked(documents: Iterator[str]) -> Iterator[list[str]]:
@@ -449,18 +573,25 @@ def chunked(documents: Iterator[str]) -> Iterator[list[str]]:
 def verify(data_dir: Path) -> int:
     """Check every shard of a directory completely (common.shards.verify_shard); a line per problem.
 
-    0 when all are intact, 1 when any is not. A directory without meta.json (llm.c shards) is
-    checked for what its files alone can show, against GPT-2's vocabulary.
+    0 when all are intact, 1 when any is not. The tokenizer files kept beside the shards are
+    checked against their sha256 too. A directory without meta.json (llm.c shards) is checked for
+    what its files alone can show, against the vocabulary of each shard's layout.
     """
     if not data_dir.is_dir():
         raise UserError(f"--verify {data_dir}: no such directory")
     meta = read_meta(data_dir)
+    vocab_size: int | None = None
     if meta is not None:
         shards: list[tuple[str, ShardInfo | None]] = [(s.file, s) for s in meta_shards(meta)]
         vocab_size, total = meta["vocab_size"], sum(e["tokens"] for e in meta["shards"])
+        try:
+            tokenizer_files(data_dir)
+        except UserError as err:
+            log.error("%s", err)
+            return 1
     else:
         shards = [(name, None) for name in shard_like_files(data_dir)]
-        vocab_size, total = GPT2_VOCAB_SIZE, None
+        total = None
     if not shards:
         raise UserError(f"--verify {data_dir}: no shards to check (no meta.json entries, no *_train_*.bin files)")
     progress = Progress(total, count_name="shards")
@@ -487,22 +618,24 @@ def verify(data_dir: Path) -> int:
 
 
 class Progress:
-    """A tqdm bar (tokens, tokens/s, ETA when the size is known) on a terminal, log lines otherwise."""
+    """A tqdm bar (tokens, tokens/s, ETA when the size is known) on a terminal, log lines otherwise
+    (or always with bar=False, when something else draws a bar). `unit` names what is counted."""
 
     LOG_EVERY = 10.0  # seconds between plain log lines
 
-    def __init__(self, total: int | None, count_name: str = "docs") -> None:
+    def __init__(self, total: int | None, count_name: str = "docs", unit: str = "tokens", bar: bool = True) -> None:
         self.total = total
         self.count_name = count_name  # what the second number counts
+        self.unit = unit
         self.start = time.monotonic()
         self.last_log = self.start
         self.tokens = 0
         self.bar = None
         self._redirect = contextlib.ExitStack()
-        if sys.stderr.isatty():
+        if bar and sys.stderr.isatty():
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
-            self.bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True, smoothing=0.1)
+            self.bar = tqdm(total=total, unit=unit[:3], unit_scale=True, dynamic_ncols=True, smoothing=0.1)
             self._redirect.enter_context(logging_redirect_tqdm())  # log lines above the bar, not through it
 
     def update(self, tokens: int, count: int) -> None:
@@ -518,8 +651,8 @@ class Progress:
             self.last_log = now
             rate = tokens / max(now - self.start, 1e-9)
             eta = f", ETA {(self.total - tokens) / rate:.0f}s" if self.total and rate else ""
-            log.info("%s %s, %s tokens, %s tokens/s%s", f"{count:,}", self.count_name, f"{tokens:,}", f"{rate:,.0f}",
-                     eta)
+            log.info("%s %s, %s %s, %s %s/s%s", f"{count:,}", self.count_name, f"{tokens:,}", self.unit,
+                     f"{rate:,.0f}", self.unit, eta)
 
     def close(self) -> None:
         self._redirect.close()

@@ -130,3 +130,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def stop_at_step(cmd: Sequence[str], log_dir: Path, step: int, sig: signal.Signals = signal.SIGTERM) -> str:
+    """Start a run, send `sig` to its launcher once metrics.jsonl reaches `step`, wait for it to
+    end; its stderr. Nothing of the run outlives the call."""
+    proc = start(cmd)
+    try:
+        wait_for_step(log_dir, step, proc)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+        return stderr
+    finally:
+        kill_tree(proc)

@@ -17,7 +17,7 @@ from runs import REPO, SRC, env
 
 from common.data import DatasetIndex, ShardedTrainLoader, ValReader
 from common.errors import UserError
-from common.shards import read_meta, read_shard, read_shard_header, write_meta, write_shard
+from common.shards import LLAMA3_LAYOUT, read_meta, read_shard, read_shard_header, write_meta, write_shard
 
 torch.set_num_threads(1)
 
@@ -104,7 +104,7 @@ def test_shard_round_trip_and_header_checks(tmp_path: Path) -> None:
     tokens = np.random.default_rng(1).integers(0, 65535, 5000, dtype=np.uint16)
     for name in ("a.bin", "a.bin.lz4"):
         entry = write_shard(tmp_path / name, tokens)
-        assert entry["tokens"] == 5000 and read_shard_header(tmp_path / name) == 5000
+        assert entry["tokens"] == 5000 and read_shard_header(tmp_path / name).tokens == 5000
         assert np.array_equal(read_shard(tmp_path / name), tokens)
     assert write_shard(tmp_path / "b.bin", tokens)["tokens_sha256"] == entry["tokens_sha256"]
     raw = (tmp_path / "a.bin").read_bytes()
@@ -126,6 +126,27 @@ def test_shard_round_trip_and_header_checks(tmp_path: Path) -> None:
         with pytest.raises(UserError) as err:
             read_shard(tmp_path / name)
         assert name in str(err.value) and messages[name] in str(err.value), str(err.value)
+
+
+def test_uint32_shards_in_llama3_layout(tmp_path: Path) -> None:
+    tokens = np.random.default_rng(2).integers(0, 200_000, 5000).astype(np.uint32)
+    with pytest.raises(ValueError, match="do not fit the gpt-2 shard format"):
+        write_shard(tmp_path / "narrow.bin", tokens)  # never wrapped into 16 bits
+    for name in ("w.bin", "w.bin.lz4"):
+        entry = write_shard(tmp_path / name, tokens, LLAMA3_LAYOUT)
+        header = read_shard_header(tmp_path / name)
+        assert (header.tokens, header.layout) == (5000, LLAMA3_LAYOUT)
+        assert read_shard(tmp_path / name).dtype == np.uint32
+        assert np.array_equal(read_shard(tmp_path / name), tokens)
+    raw = (tmp_path / "w.bin").read_bytes()
+    assert np.frombuffer(raw[:12], dtype="<i4").tolist() == [20240801, 7, 5000] and len(raw) == 1024 + 4 * 5000
+    assert entry["tokens_sha256"] == write_shard(tmp_path / "again.bin", tokens, LLAMA3_LAYOUT)["tokens_sha256"]
+    (tmp_path / "short.bin").write_bytes(raw[:-4])
+    with pytest.raises(UserError, match="short.bin: truncated or corrupt shard"):
+        read_shard(tmp_path / "short.bin")
+    (tmp_path / "v1.bin").write_bytes(raw[:4] + np.int32(1).tobytes() + raw[8:])
+    with pytest.raises(UserError, match="version 1 is not supported for magic 20240801"):
+        read_shard(tmp_path / "v1.bin")
 
 
 def test_index_reads_meta_and_expected_tokens(prepared_copy: Path) -> None:

@@ -218,6 +218,36 @@ def test_tensorboard_run_is_named_after_run_name_else_the_log_dir(tmp_path: Path
     assert [e.value for e in read_events(tb_run(tmp_path / "exp8")).Scalars("train/loss")] == [2.0]
 
 
+def test_samples_and_val_accuracy_rows_each_step_once_after_resume(tmp_path: Path) -> None:
+    """samples.jsonl rows {step, prompt, text} and val_accuracy beside val_loss; a run that crashed
+    after writing samples past its checkpoint (step 4) leaves none of them to the resumed run."""
+    first = RunLogger(tmp_path, enabled=True, use_tensorboard=True)
+    for step in (2, 4, 6):
+        first.log_eval(step, 5.0 - step / 10, accuracy=step / 100)
+        first.log_sample(step, f"def first {step}", prompt="def ")
+    first.close()
+    next_second()
+    second = RunLogger(tmp_path, enabled=True, use_tensorboard=True, resume_step=4)
+    for step in (6, 8):
+        second.log_eval(step, 4.0, accuracy=0.5)
+        second.log_sample(step, f"def second {step}", prompt="def ")
+    second.close()
+
+    assert read_jsonl(tmp_path / "samples.jsonl") == [
+        {"step": 2, "prompt": "def ", "text": "def first 2"}, {"step": 4, "prompt": "def ", "text": "def first 4"},
+        {"step": 6, "prompt": "def ", "text": "def second 6"}, {"step": 8, "prompt": "def ", "text": "def second 8"}]
+    evals = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["val_accuracy"]) for r in evals] == [(2, 0.02), (4, 0.04), (6, 0.5), (8, 0.5)]
+    acc = read_events(tb_run(tmp_path))
+    assert {e.step: round(e.value, 6) for e in acc.Scalars("val/accuracy")} == {2: 0.02, 4: 0.04, 6: 0.5, 8: 0.5}
+
+    with RunLogger(tmp_path, enabled=True) as fresh:  # a new run moves the old samples aside with the metrics
+        fresh.log_sample(1, "new")
+    (archived,) = (tmp_path / "previous").iterdir()
+    assert len(read_jsonl(archived / "samples.jsonl")) == 4
+    assert read_jsonl(tmp_path / "samples.jsonl") == [{"step": 1, "prompt": "", "text": "new"}]
+
+
 def test_fresh_start_moves_an_earlier_run_aside(tmp_path: Path) -> None:
     with RunLogger(tmp_path, enabled=True, use_tensorboard=True) as old:
         for step in range(1, 4):

@@ -31,8 +31,10 @@ def write_run(log_dir: Path, steps: int = 120, extras: bool = True, truncated_ta
                 row.update(mfu=0.12, step_time=0.5, mem_rss_mb=800.0 + s, epoch=0, tokens=2048 * s)
             f.write(json.dumps(row) + "\n")
             if s % 40 == 0:
-                f.write(json.dumps({"step": s, "val_loss": row["loss"] + 0.1,
-                                    "val_perplexity": math.exp(row["loss"] + 0.1)}) + "\n")
+                evaluation = {"step": s, "val_loss": row["loss"] + 0.1, "val_perplexity": math.exp(row["loss"] + 0.1)}
+                if extras:
+                    evaluation["val_accuracy"] = 0.5 - 0.4 * math.exp(-s / 30)
+                f.write(json.dumps(evaluation) + "\n")
         if truncated_tail:
             f.write(f'{{"step": {steps + 1}, "loss": 3.1')  # training killed mid-write
 
@@ -54,7 +56,7 @@ def test_script_writes_documented_pngs(tmp_path: Path) -> None:
     write_run(log_dir)
     proc = run_script(str(log_dir), "--window", "10", cwd=tmp_path)  # any cwd works
     assert proc.returncode == 0, proc.stderr
-    expected = BASE_CHARTS + ["mfu.png", "memory.png", OVERVIEW_FILE]
+    expected = BASE_CHARTS + ["val_accuracy.png", "mfu.png", "memory.png", OVERVIEW_FILE]
     out = log_dir / "plots"
     assert proc.stdout.split() == [str(out / name) for name in expected]
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)  # no temporary files left
@@ -63,7 +65,7 @@ def test_script_writes_documented_pngs(tmp_path: Path) -> None:
         assert width >= 600 and height >= 400
         assert (out / name).stat().st_size > 15_000, name  # drawn, not blank
     overview_w, overview_h = png_size(out / OVERVIEW_FILE)
-    assert overview_w > png_size(out / "loss.png")[0] and overview_h > 2 * 400  # a grid, 3x2 here
+    assert overview_w > png_size(out / "loss.png")[0] and overview_h > 2 * 400  # a grid, 4x2 here
 
 
 def test_write_plots_minimal_metrics_to_out_dir(tmp_path: Path) -> None:

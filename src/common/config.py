@@ -45,7 +45,7 @@ class TrainConfig:
     n_layer: int = _field(12, ge=1)
     n_head: int = _field(12, ge=1)
     n_embd: int = _field(768, ge=1)
-    vocab_size: int = _field(50257, ge=1)  # padded up to a multiple of 64 inside the model
+    vocab_size: int = _field(0, ge=0)  # 0: the dataset's; padded up to a multiple of 64 inside the model
     dropout: float = _field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
     init_from: str = ""  # local Hugging Face GPT-2 directory a fresh run starts from (its weights and shape)

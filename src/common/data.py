@@ -38,13 +38,11 @@ import numpy as np
 
 from common.errors import UserError
 from common.shards import (
-    GPT2_EOT,
-    GPT2_TOKENIZER,
-    GPT2_VOCAB_SIZE,
+    GPT2_LAYOUT,
     HEADER_BYTES,
     META_NAME,
-    TOKEN_DTYPE,
     ShardInfo,
+    ShardLayout,
     check_file_sha256,
     check_token_count,
     check_token_ids,
@@ -75,7 +73,7 @@ _PREPARE_HINT = "prepare it with `python src/prepare_data.py --dataset stdlib --
 
 def _sample_digest(path: Path, ntok: int) -> str:
     """A cheap content digest (token count and the first 32k tokens) for shards without meta."""
-    want = HEADER_BYTES + TOKEN_DTYPE.itemsize * min(ntok, 32768)
+    want = HEADER_BYTES + read_shard_header(path).layout.dtype.itemsize * min(ntok, 32768)
     opener = lz4.frame.open if is_compressed(path) else open
     with opener(path, "rb") as f:
         head = f.read(want)
@@ -92,15 +90,20 @@ def shard_fingerprint(data_dir: Path, shards: list[ShardInfo], tokenizer: str) -
 
 
 class DatasetIndex:
-    """The shards of a data directory, from meta.json or (llm.c directories) from the files."""
+    """The shards of a data directory, from meta.json or (llm.c directories) from the files.
 
-    def __init__(self, data_dir: Path, shards: list[ShardInfo], meta: dict[str, Any] | None) -> None:
+    Without meta.json the tokenizer is the one llm.c prepares the shards' layout with: GPT-2's
+    for uint16 shards, Llama 3's for uint32 ones.
+    """
+
+    def __init__(self, data_dir: Path, shards: list[ShardInfo], meta: dict[str, Any] | None,
+                 layout: ShardLayout = GPT2_LAYOUT) -> None:
         self.data_dir = Path(data_dir)
         self.shards = shards
         self.meta = meta
-        self.tokenizer_name: str = meta["tokenizer"] if meta else GPT2_TOKENIZER
-        self.vocab_size: int = meta["vocab_size"] if meta else GPT2_VOCAB_SIZE
-        self.eot_token: int = meta["eot_token"] if meta else GPT2_EOT
+        self.tokenizer_name: str = meta["tokenizer"] if meta else layout.tokenizer
+        self.vocab_size: int = meta["vocab_size"] if meta else layout.vocab_size
+        self.eot_token: int = meta["eot_token"] if meta else layout.eot_token
 
     @classmethod
     def open(cls, data_dir: Path | str) -> DatasetIndex:
@@ -108,8 +111,10 @@ class DatasetIndex:
         if not data_dir.is_dir():
             raise UserError(f"data directory {data_dir} not found; {_PREPARE_HINT.format(dir=data_dir)}")
         meta = read_meta(data_dir)
-        shards = cls._from_meta(data_dir, meta) if meta is not None else cls._from_files(data_dir)
-        return cls(data_dir, shards, meta)
+        if meta is not None:
+            return cls(data_dir, cls._from_meta(data_dir, meta), meta)
+        shards, layout = cls._from_files(data_dir)
+        return cls(data_dir, shards, None, layout)
 
     @staticmethod
     def _from_meta(data_dir: Path, meta: dict[str, Any]) -> list[ShardInfo]:
@@ -119,20 +124,27 @@ class DatasetIndex:
             if not path.is_file():
                 raise UserError(f"{path}: listed in {data_dir / META_NAME} but missing; restore it or "
                                 "rerun prepare_data.py with the same flags to rewrite it")
-            check_token_count(path, read_shard_header(path), s)
+            check_token_count(path, read_shard_header(path).tokens, s)
         return shards
 
     @staticmethod
-    def _from_files(data_dir: Path) -> list[ShardInfo]:
+    def _from_files(data_dir: Path) -> tuple[list[ShardInfo], ShardLayout]:
         shards = []
+        layouts: dict[ShardLayout, str] = {}  # layout -> its first shard
         for name in shard_like_files(data_dir):
             path = shard_path(data_dir, name)
             if path.is_file():
-                shards.append(ShardInfo(name, split_of(name), read_shard_header(path)))
+                header = read_shard_header(path)
+                shards.append(ShardInfo(name, split_of(name), header.tokens))
+                layouts.setdefault(header.layout, name)
         if not shards:
             raise UserError(f"{data_dir} has no {META_NAME} and no llm.c shards (*_train_*.bin, *_val_*.bin); "
                             + _PREPARE_HINT.format(dir=data_dir))
-        return shards
+        if len(layouts) > 1:
+            mixed = " and ".join(f"{layout.name} ({name})" for layout, name in layouts.items())
+            raise UserError(f"{data_dir} mixes shards of two tokenizers' layouts, {mixed}; keep the shards of one "
+                            "tokenizer in a directory")
+        return shards, next(iter(layouts))
 
     @property
     def train_shards(self) -> list[ShardInfo]:

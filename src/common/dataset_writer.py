@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError
-from common.shards import LZ4_SUFFIX, TOKEN_DTYPE, shard_path, tokens_sha256, write_meta, write_shard
+from common.shards import LZ4_SUFFIX, layout_for_vocab, shard_path, tokens_sha256, write_meta, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,9 @@ class DatasetWriter:
     Resumable: the shards meta.json already lists are the stream's prefix. Fed the same stream
     again, the writer checks each of them against the tokens (tokens_sha256) without rewriting
     it -- rewriting only a file that has gone missing -- and appends new shards after them.
-    The first `val_tokens` tokens of the stream go to val_*, the rest to train_*.
+    The first `val_tokens` tokens of the stream go to val_*, the rest to train_*. Every shard has
+    the layout of the vocabulary (common.shards.layout_for_vocab: uint16 or uint32 tokens), and the
+    stream fed to `add` must already be of that layout's dtype (`self.dtype`).
     """
 
     def __init__(self, out_dir: Path, meta: dict[str, Any], *, shard_tokens: int, val_tokens: int,
@@ -42,7 +44,9 @@ class DatasetWriter:
         self.position = 0  # stream tokens seen
         self.documents = 0
         self._shard_no = 0  # index into the stream's shards (finished ones first)
-        self._buf = np.empty(max([shard_tokens, *(e["tokens"] for e in self.finished)]), dtype=TOKEN_DTYPE)
+        self.layout = layout_for_vocab(meta["vocab_size"])
+        self.dtype = self.layout.dtype
+        self._buf = np.empty(max([shard_tokens, *(e["tokens"] for e in self.finished)]), dtype=self.dtype)
         self._fill = 0
         self._begin_shard()
 
@@ -52,6 +56,8 @@ class DatasetWriter:
 
     def add(self, tokens: np.ndarray) -> bool:
         """Append stream tokens; True once --max_tokens is reached (stop feeding)."""
+        if tokens.dtype != self.dtype:  # a narrower buffer would wrap ids silently
+            raise TypeError(f"the stream's tokens are {tokens.dtype}, the shards hold {self.dtype}")
         if self.max_tokens is not None:
             tokens = tokens[: max(0, self.max_tokens - self.position)]
         self.documents += int(np.count_nonzero(tokens == self.meta["eot_token"]))  # one before each document
@@ -114,14 +120,14 @@ class DatasetWriter:
         if not path.exists():
             log.info("%s was missing: rewriting it", path.name)
             # Another lz4 release may compress the same tokens to other bytes: record what is stored now.
-            entry["sha256"] = write_shard(path, tokens)["sha256"]
+            entry["sha256"] = write_shard(path, tokens, self.layout)["sha256"]
             self._write_meta(exact=False)
 
     def _write_new(self, tokens: np.ndarray) -> None:
         split = "val" if self.position - len(tokens) < self.val_tokens else "train"
         number = sum(1 for e in self.finished if e["split"] == split)
         name = f"{split}_{number:06d}.bin" + (LZ4_SUFFIX if self.compress else "")
-        entry = write_shard(shard_path(self.out_dir, name), tokens)
+        entry = write_shard(shard_path(self.out_dir, name), tokens, self.layout)
         self.finished.append({"file": entry["file"], "split": split, "tokens": entry["tokens"],
                               "sha256": entry["sha256"], "tokens_sha256": entry["tokens_sha256"]})
         self.prefix_tokens += entry["tokens"]

@@ -52,3 +52,10 @@ class RunFailed(Exception):
 
     Nothing poisoned or partial is saved on the way out.
     """
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut at `limit` characters (a library's multi-line
+    error inside a UserError's one line)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) < limit else text[:limit - 3] + "..."

@@ -1,4 +1,4 @@
-"""Rank-0 logging: log.txt, metrics.jsonl, TensorBoard and (optionally) wandb.
+"""Rank-0 logging: log.txt, metrics.jsonl, samples.jsonl, TensorBoard and (optionally) wandb.
 
 Two pieces:
 
@@ -14,8 +14,8 @@ shell/start_tensorboard.sh does) lists the run under that name. TensorBoard sort
 name, so the tags are chosen to put ``train/*`` first; every chart is a curve (no one-point cards,
 no wall clock: TensorBoard's own "wall" axis shows the time).
 
-Resume contract: ``RunLogger(resume_step=k)`` drops the ``metrics.jsonl`` rows after step k
-(atomic rewrite) and opens TensorBoard with ``purge_step=k + 1`` so the events logged after the
+Resume contract: ``RunLogger(resume_step=k)`` drops the ``metrics.jsonl`` and ``samples.jsonl``
+rows after step k (atomic rewrite) and opens TensorBoard with ``purge_step=k + 1`` so the events logged after the
 checkpoint by the interrupted run are hidden; the resumed run then logs k+1, k+2, ... and every
 step appears exactly once. The wandb run id and the TensorBoard run's folder travel in the
 checkpoint (``state_dict()``) so the resumed process continues the same runs.
@@ -39,6 +39,7 @@ from common.fsutil import atomic_write_text
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"  # one row per text sample: {"step", "prompt", "text"}
 TENSORBOARD_SUBDIR = "tensorboard"
 PREVIOUS_SUBDIR = "previous"
 WANDB_MISSING = "--use_wandb needs wandb: pip install -e '.[wandb]'"
@@ -249,24 +250,24 @@ def best_val_loss(path: Path) -> float:
 
 
 def _archive_previous_run(log_dir: Path) -> Path | None:
-    """Move an earlier run's metrics.jsonl and tensorboard/ to LOG_DIR/previous/<time>/.
+    """Move an earlier run's metrics.jsonl, samples.jsonl and tensorboard/ to LOG_DIR/previous/<time>/.
 
     Used when a run starts from scratch in a log directory that already holds another run, so
     the new curves do not overlap the old ones and nothing is deleted.
     """
-    metrics = log_dir / METRICS_FILE
+    rows = [log_dir / name for name in (METRICS_FILE, SAMPLES_FILE)
+            if (log_dir / name).exists() and (log_dir / name).stat().st_size > 0]
     tb_dir = log_dir / TENSORBOARD_SUBDIR
-    has_metrics = metrics.exists() and metrics.stat().st_size > 0
     has_events = tb_dir.is_dir() and any(tb_dir.rglob("events.out.tfevents.*"))
-    if not (has_metrics or has_events):
+    if not (rows or has_events):
         return None
     base = log_dir / PREVIOUS_SUBDIR / time.strftime("%Y%m%d-%H%M%S")
     dest, suffix = base, 1
     while dest.exists():
         dest, suffix = base.with_name(f"{base.name}.{suffix}"), suffix + 1
     dest.mkdir(parents=True)
-    if has_metrics:
-        os.replace(metrics, dest / METRICS_FILE)
+    for path in rows:
+        os.replace(path, dest / path.name)
     if has_events:
         os.replace(tb_dir, dest / TENSORBOARD_SUBDIR)
     return dest
@@ -354,7 +355,9 @@ class RunLogger:
                                 or tensorboard_run_name(self.log_dir, run_name))
         self.tensorboard_dir = self.log_dir / TENSORBOARD_SUBDIR / self.tensorboard_run
         self._best_val_loss = math.inf
+        self.samples_path = self.log_dir / SAMPLES_FILE
         self._metrics_file = None
+        self._samples_file = None
         self._writer = None  # torch.utils.tensorboard.SummaryWriter
         self._wandb = None  # the wandb module while a run is active
         self._wandb_run = None
@@ -374,11 +377,14 @@ class RunLogger:
                 log.warning("log dir %s held an earlier run; moved its metrics and events to %s",
                             self.log_dir, archived)
         else:
-            dropped = truncate_metrics(self.metrics_path, resume_step)
-            if dropped:
-                log.info("resume at step %d: dropped %d metrics rows logged after it", resume_step, dropped)
+            for path in (self.metrics_path, self.samples_path):
+                dropped = truncate_metrics(path, resume_step)
+                if dropped:
+                    log.info("resume at step %d: dropped %d rows of %s logged after it", resume_step, dropped,
+                             path.name)
             self._best_val_loss = best_val_loss(self.metrics_path)
         self._metrics_file = self.metrics_path.open("a", encoding="utf-8")
+        self._samples_file = self.samples_path.open("a", encoding="utf-8")
 
         if writer_cls is not None:
             self._writer = self._open_tensorboard(writer_cls, resume_step)
@@ -432,10 +438,12 @@ class RunLogger:
                         what, type(err).__name__, err)
             self._wandb = None
 
-    def _write_row(self, row: dict[str, Any]) -> None:
-        assert self._metrics_file is not None
-        self._metrics_file.write(json.dumps(row) + "\n")
-        self._metrics_file.flush()
+    def _write_row(self, row: dict[str, Any], file: Any = None) -> None:
+        """One JSON line to metrics.jsonl (or `file`), flushed at once."""
+        file = file or self._metrics_file
+        assert file is not None
+        file.write(json.dumps(row) + "\n")
+        file.flush()
 
     # -- public API -------------------------------------------------------------------------
 
@@ -468,27 +476,32 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb_call("log", self._wandb.log, scalars, step=int(step))
 
-    def log_eval(self, step: int, val_loss: float) -> None:
-        """One evaluation: validation loss and perplexity (metrics.jsonl), and in the charts also
-        the best validation loss so far."""
+    def log_eval(self, step: int, val_loss: float, accuracy: float | None = None) -> None:
+        """One evaluation: validation loss, perplexity and next-token accuracy (a fraction) when given
+        (metrics.jsonl keys val_loss, val_perplexity, val_accuracy; tags val/loss, val/perplexity,
+        val/accuracy), and in the charts also the best validation loss so far."""
         if not self.enabled or self._closed:
             return
         val_loss = float(_plain(val_loss))
-        ppl = perplexity(val_loss)
-        self._write_row({"step": int(step), "val_loss": val_loss, "val_perplexity": ppl})
+        values = {"loss": val_loss, "perplexity": perplexity(val_loss)}
+        if accuracy is not None:
+            values["accuracy"] = float(_plain(accuracy))
+        self._write_row({"step": int(step), **{f"val_{k}": v for k, v in values.items()}})
         self._last_step = max(self._last_step, int(step))
-        scalars = {VAL_LOSS_TAG: val_loss, "val/perplexity": ppl}
+        scalars = {f"val/{k}": v for k, v in values.items()}
         if math.isfinite(val_loss):
             self._best_val_loss = min(self._best_val_loss, val_loss)
         if math.isfinite(self._best_val_loss):
             scalars[BEST_VAL_LOSS_TAG] = self._best_val_loss
         self._scalars(step, scalars)
 
-    def log_sample(self, step: int, text: str) -> None:
-        """A generated text sample: the log, TensorBoard's Text tab, a wandb table."""
+    def log_sample(self, step: int, text: str, prompt: str = "") -> None:
+        """A generated text sample (the prompt and what the model wrote after it): the log, a
+        samples.jsonl row {"step", "prompt", "text"}, TensorBoard's Text tab, a wandb table."""
         if not self.enabled or self._closed:
             return
         log.info("sample at step %d:\n%s", step, text)
+        self._write_row({"step": int(step), "prompt": prompt, "text": text}, self._samples_file)
         if self._writer is not None:
             # A fenced block keeps the model's whitespace and stops markdown from reflowing it.
             self._writer.add_text(SAMPLE_TAG, f"```\n{text}\n```", int(step))
@@ -556,9 +569,10 @@ class RunLogger:
         """Push everything to disk (TensorBoard events, metrics.jsonl with fsync)."""
         if not self.enabled or self._closed:
             return
-        if self._metrics_file is not None:
-            self._metrics_file.flush()
-            os.fsync(self._metrics_file.fileno())
+        for file in (self._metrics_file, self._samples_file):
+            if file is not None:
+                file.flush()
+                os.fsync(file.fileno())
         if self._writer is not None:
             self._writer.flush()
 
@@ -571,9 +585,10 @@ class RunLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self._metrics_file is not None:
-            self._metrics_file.close()
-            self._metrics_file = None
+        for file in (self._metrics_file, self._samples_file):
+            if file is not None:
+                file.close()
+        self._metrics_file = self._samples_file = None
         if self._wandb is not None and self._wandb_run is not None:
             self._wandb_call("finish", self._wandb_run.finish)
         self._wandb = None

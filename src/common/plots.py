@@ -1,8 +1,9 @@
 """PNG charts from LOG_DIR/metrics.jsonl (used by src/plot_metrics.py and, every viz_freq steps,
 by the trainer).
 
-Charts: loss (raw, moving average, validation), learning rate, throughput, grad norm, and MFU /
-memory when the run logged them; one file per chart plus ``training_latest.png`` with all of them.
+Charts: loss (raw, moving average, validation), learning rate, throughput, grad norm, and
+validation next-token accuracy / MFU / memory when the run logged them; one file per chart plus
+``training_latest.png`` with all of them.
 Files are written atomically (temporary file + rename), so a viewer never sees half a PNG while
 training rewrites them. Matplotlib is driven through the Agg canvas directly: no pyplot, no GUI
 backend, nothing global changed in the process.
@@ -154,6 +155,13 @@ def _chart_grad_norm(ax: Any, m: Metrics, window: int) -> None:
     ax.legend(loc="upper right", fontsize="small")
 
 
+def _chart_accuracy(ax: Any, m: Metrics, window: int) -> None:
+    steps, accuracy = m.series("val_accuracy", "evals")
+    ax.plot(steps, [100.0 * v for v in accuracy], color="tab:orange", marker="o", markersize=3)  # logged as a fraction
+    ax.set_ylim(bottom=0)
+    _style(ax, "Validation next-token accuracy", "top-1 accuracy (%)")
+
+
 def _chart_mfu(ax: Any, m: Metrics, window: int) -> None:
     steps, mfu = m.series("mfu")
     pct = [100.0 * v for v in mfu]  # logged as a fraction (0.38 = 38 %)
@@ -180,6 +188,7 @@ CHARTS: list[tuple[str, Chart, str | None]] = [
     ("learning_rate.png", _chart_lr, None),
     ("throughput.png", _chart_throughput, None),
     ("grad_norm.png", _chart_grad_norm, None),
+    ("val_accuracy.png", _chart_accuracy, "val_accuracy"),
     ("mfu.png", _chart_mfu, "mfu"),
     ("memory.png", _chart_memory, "mem_*"),
 ]
@@ -190,7 +199,7 @@ def _present(m: Metrics, need: str | None) -> bool:
         return True
     if need == "mem_*":
         return any(m.has(k) for k in ("mem_allocated_mb", "mem_reserved_mb", "mem_rss_mb"))
-    return m.has(need)
+    return m.has(need) or m.has(need, "evals")
 
 
 def _save_atomic(fig: Any, path: Path) -> None:

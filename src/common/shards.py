@@ -3,9 +3,11 @@
 prepare_data.py writes it (common.dataset_writer), training reads it (common.data). Nothing here
 imports torch.
 
-Shard (llm.c / modded-nanogpt): a header of 256 little-endian int32 ([0] = 20240520, [1] = 1,
-[2] = token count) followed by the tokens as little-endian uint16. `NAME.bin.lz4` holds exactly
-those bytes in one LZ4 frame. Shards are plain files directly inside the data directory.
+Shard (llm.c / modded-nanogpt): a header of 256 little-endian int32 ([0] = magic, [1] = version,
+[2] = token count) followed by the tokens. Two layouts, both llm.c's own: GPT-2's (magic 20240520,
+version 1, uint16 tokens) for vocabularies of up to 65,536 ids, and Llama 3's (magic 20240801,
+version 7, uint32 tokens) above that. `NAME.bin.lz4` holds exactly those bytes in one LZ4 frame.
+Shards are plain files directly inside the data directory.
 
 meta.json lists every finished shard (file, split, tokens, sha256 of the file as stored,
 tokens_sha256 of the tokens alone) and the tokenizer. It is checked field by field when read:
@@ -28,22 +30,42 @@ import numpy as np
 from common.errors import UserError
 from common.fsutil import atomic_write_bytes, sha256_file
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-TOKEN_DTYPE = np.dtype("<u2")
-MAX_VOCAB = 1 << 16  # uint16 tokens
 MAX_SHARD_TOKENS = (1 << 31) - 1  # the int32 count in the header
 META_NAME = "meta.json"
 META_FORMAT_VERSION = 1
+TOKENIZER_KINDS = ("tiktoken", "huggingface", "sentencepiece")  # meta.json's tokenizer_kind (tiktoken when absent)
 LZ4_SUFFIX = ".lz4"
 SPLITS = ("train", "val")
 
-# What a directory of llm.c shards without meta.json is assumed to hold.
-GPT2_TOKENIZER = "gpt2"
-GPT2_VOCAB_SIZE = 50257
-GPT2_EOT = 50256
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One of llm.c's shard layouts, and what a directory of such shards without meta.json is
+    assumed to hold (the tokenizer llm.c's own preparation scripts use for it)."""
+
+    name: str
+    magic: int
+    version: int
+    dtype: np.dtype
+    tokenizer: str
+    vocab_size: int
+    eot_token: int  # the token before every document
+
+
+GPT2_LAYOUT = ShardLayout("gpt-2", 20240520, 1, np.dtype("<u2"), "gpt2", 50257, 50256)
+LLAMA3_LAYOUT = ShardLayout("llama-3", 20240801, 7, np.dtype("<u4"), "meta-llama/Meta-Llama-3.1-8B", 128256, 128000)
+LAYOUTS = {layout.magic: layout for layout in (GPT2_LAYOUT, LLAMA3_LAYOUT)}
+MAX_VOCAB = 1 << 32  # ids that fit the widest layout
+
+
+def layout_for_vocab(vocab_size: int) -> ShardLayout:
+    """uint16 shards while every id fits (GPT-2's layout, half the bytes), uint32 above 65,536 ids."""
+    if vocab_size > MAX_VOCAB:
+        raise UserError(f"a vocabulary of {vocab_size:,} ids does not fit the uint32 shard format")
+    return GPT2_LAYOUT if vocab_size <= 1 << 16 else LLAMA3_LAYOUT
 
 
 
@@ -71,17 +93,27 @@ def shard_like_files(directory: Path) -> list[str]:
     return sorted(p.name for p in Path(directory).iterdir() if split_of(p.name) and not p.name.startswith("."))
 
 
-def _shard_name_problem(root: Path, name: str) -> str | None:
-    """Why `name` cannot be a shard of the directory `root` (resolved; None when it can): shards
-    are files directly inside it, named *.bin or *.bin.lz4, and do not link outside it."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def _file_name_problem(root: Path, name: str) -> str | None:
+    """Why `name` cannot be a file of the directory `root` (resolved; None when it can): a plain
+    name directly inside it that does not link outside it."""
+    if not _is_plain_name(name):
         return "is not a plain file name inside the data directory"
-    if not name.endswith((".bin", ".bin" + LZ4_SUFFIX)):
-        return "does not end in .bin or .bin.lz4"
     path = os.path.join(root, name)  # a bare name in a resolved directory: only a link can lead elsewhere
     if os.path.islink(path) and root not in Path(path).resolve().parents:
         return f"links to {Path(path).resolve()}, outside {root}"
     return None
+
+
+def _shard_name_problem(root: Path, name: str) -> str | None:
+    """Why `name` cannot be a shard of the directory `root`: shards are files inside it (see
+    _file_name_problem) named *.bin or *.bin.lz4."""
+    if _is_plain_name(name) and not name.endswith((".bin", ".bin" + LZ4_SUFFIX)):
+        return "does not end in .bin or .bin.lz4"
+    return _file_name_problem(root, name)
 
 
 def shard_path(data_dir: Path, name: str) -> Path:
@@ -95,55 +127,67 @@ def shard_path(data_dir: Path, name: str) -> Path:
 # ----------------------------------------------------------------------------- writing and reading
 
 
-def shard_bytes(tokens: np.ndarray) -> bytes:
-    """The uncompressed file contents of a shard holding `tokens`."""
+def shard_bytes(tokens: np.ndarray, layout: ShardLayout = GPT2_LAYOUT) -> bytes:
+    """The uncompressed file contents of a shard holding `tokens` in `layout`."""
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
-    return header.tobytes() + np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes()
+    header[:3] = (layout.magic, layout.version, len(tokens))
+    return header.tobytes() + np.ascontiguousarray(tokens, dtype=layout.dtype).tobytes()
 
 
 def tokens_sha256(tokens: np.ndarray) -> str:
-    """Hash of the token bytes alone: the same for the .bin and .bin.lz4 form of a shard."""
-    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).data).hexdigest()
+    """Hash of the token bytes alone, as a shard stores them (uint16 or uint32 as the array's
+    dtype says): the same for the .bin and .bin.lz4 form of a shard."""
+    if tokens.dtype not in {layout.dtype for layout in LAYOUTS.values()}:
+        raise TypeError(f"tokens as a shard stores them are uint16 or uint32, not {tokens.dtype}")
+    return hashlib.sha256(np.ascontiguousarray(tokens).data).hexdigest()
 
 
-def write_shard(path: Path, tokens: np.ndarray) -> dict[str, Any]:
+def write_shard(path: Path, tokens: np.ndarray, layout: ShardLayout = GPT2_LAYOUT) -> dict[str, Any]:
     """Write a shard atomically (LZ4 when the name ends in .lz4); its meta.json entry.
 
     `sha256` is of the file as stored (what `sha256sum` prints), `tokens_sha256` of the tokens.
     """
     path = Path(path)
     tokens = np.asarray(tokens)
-    if tokens.size and int(tokens.max()) >= MAX_VOCAB:
-        raise ValueError(f"{path.name}: token id {int(tokens.max())} does not fit the uint16 shard format")
-    data = shard_bytes(tokens)
+    if tokens.size and (int(tokens.max()) > np.iinfo(layout.dtype).max or int(tokens.min()) < 0):
+        raise ValueError(f"{path.name}: token ids {int(tokens.min())}..{int(tokens.max())} do not fit the "
+                         f"{layout.name} shard format")
+    stored = np.ascontiguousarray(tokens, dtype=layout.dtype)
+    data = shard_bytes(stored, layout)
     if is_compressed(path):
         data = lz4.frame.compress(data, store_size=True, content_checksum=True)
     atomic_write_bytes(path, data)
     return {"file": path.name, "tokens": int(len(tokens)), "sha256": hashlib.sha256(data).hexdigest(),
-            "tokens_sha256": tokens_sha256(tokens)}
+            "tokens_sha256": tokens_sha256(stored)}
 
 
-def _check_header(path: Path, header: bytes, data_size: int | None) -> int:
-    """Validate a header (and the uncompressed size when known); the token count."""
+@dataclass(frozen=True)
+class ShardHeader:
+    tokens: int
+    layout: ShardLayout
+
+
+def _check_header(path: Path, header: bytes, data_size: int | None) -> ShardHeader:
+    """Validate a header (and the uncompressed size when known); the token count and layout."""
     if len(header) < HEADER_BYTES:
         raise UserError(f"{path}: truncated shard ({len(header)} bytes, shorter than the {HEADER_BYTES}-byte "
                         "header); delete it and rerun prepare_data.py")
     magic, version, ntok = (int(v) for v in np.frombuffer(header, dtype="<i4", count=3))
-    if magic != SHARD_MAGIC:
-        raise UserError(f"{path}: not a token shard (magic {magic}, expected {SHARD_MAGIC}); "
+    layout = LAYOUTS.get(magic)
+    if layout is None:
+        expected_magic = " or ".join(str(m) for m in LAYOUTS)
+        raise UserError(f"{path}: not a token shard (magic {magic}, expected {expected_magic}); "
                         "remove it from the data directory")
-    if version != SHARD_VERSION:
-        hint = " (uint32 llama-3 tokens)" if version == 2 else ""
-        raise UserError(f"{path}: shard format version {version}{hint} is not supported, only version "
-                        f"{SHARD_VERSION} (uint16 tokens)")
+    if version != layout.version:
+        raise UserError(f"{path}: shard format version {version} is not supported for magic {magic}, only "
+                        f"version {layout.version} ({layout.name}: {layout.dtype.itemsize * 8}-bit tokens)")
     if ntok < 0:
         raise UserError(f"{path}: corrupt shard header (token count {ntok})")
-    expected = HEADER_BYTES + TOKEN_DTYPE.itemsize * ntok
+    expected = HEADER_BYTES + layout.dtype.itemsize * ntok
     if data_size is not None and data_size != expected:
         raise UserError(f"{path}: truncated or corrupt shard: the header says {ntok} tokens ({expected} bytes) "
                         f"but it holds {data_size} bytes; delete it and rerun prepare_data.py")
-    return ntok
+    return ShardHeader(ntok, layout)
 
 
 def _corrupt_lz4(path: Path, err: Exception) -> UserError:
@@ -154,8 +198,8 @@ def _unreadable(path: Path, err: OSError) -> UserError:
     return UserError(f"{path}: cannot read shard ({err.strerror or err})")
 
 
-def read_shard_header(path: Path) -> int:
-    """Token count of a shard after checking its header and size, without reading the tokens.
+def read_shard_header(path: Path) -> ShardHeader:
+    """Token count and layout of a shard after checking its header and size, without reading the tokens.
 
     For .lz4 the size is checked against the frame's recorded content size; the data itself
     is verified (checksum, length) when the shard is read.
@@ -178,22 +222,24 @@ def read_shard_header(path: Path) -> int:
 
 
 def read_shard(path: Path) -> np.ndarray:
-    """All tokens of a shard as uint16: a read-only memmap for .bin, decompressed for .bin.lz4."""
+    """All tokens of a shard as uint16 or uint32 (its layout's): a read-only memmap for .bin,
+    decompressed for .bin.lz4."""
     path = Path(path)
     if not is_compressed(path):
-        ntok = read_shard_header(path)
-        if ntok == 0:
-            return np.empty(0, dtype=TOKEN_DTYPE)
+        header = read_shard_header(path)
+        if header.tokens == 0:
+            return np.empty(0, dtype=header.layout.dtype)
         # A plain ndarray view of the mapping: slicing np.memmap objects costs Python overhead per window.
-        return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(ntok,)).view(np.ndarray)
+        return np.memmap(path, dtype=header.layout.dtype, mode="r", offset=HEADER_BYTES,
+                         shape=(header.tokens,)).view(np.ndarray)
     try:
         data = lz4.frame.decompress(path.read_bytes())
     except RuntimeError as err:
         raise _corrupt_lz4(path, err) from None
     except OSError as err:
         raise _unreadable(path, err) from None
-    ntok = _check_header(path, data[:HEADER_BYTES], len(data))
-    return np.frombuffer(data, dtype=TOKEN_DTYPE, offset=HEADER_BYTES, count=ntok)
+    header = _check_header(path, data[:HEADER_BYTES], len(data))
+    return np.frombuffer(data, dtype=header.layout.dtype, offset=HEADER_BYTES, count=header.tokens)
 
 
 # ----------------------------------------------------------------------------- content checks
@@ -250,14 +296,17 @@ def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
                     "directory with `python src/prepare_data.py --verify DIR` and prepare it again")
 
 
-def verify_shard(path: Path, vocab_size: int, listed: ShardInfo | None) -> tuple[int, list[str]]:
+def verify_shard(path: Path, vocab_size: int | None, listed: ShardInfo | None) -> tuple[int, list[str]]:
     """The tokens a shard holds (0 when unreadable) and every problem it has, each a line naming it:
     header and size (for .lz4 the whole frame and its content checksum), then what meta.json
-    recorded (`listed`: token count, sha256 of the file, tokens_sha256), then the id range."""
+    recorded (`listed`: token count, sha256 of the file, tokens_sha256), then the id range
+    (`vocab_size`, None: the vocabulary llm.c uses with the shard's layout)."""
     if not path.exists():
         return 0, [f"{path}: missing; restore it or rerun prepare_data.py with the same flags to rewrite it"]
     try:
         tokens = read_shard(path)
+        if vocab_size is None:
+            vocab_size = read_shard_header(path).layout.vocab_size
     except UserError as err:
         return 0, [str(err)]
     checks: list[tuple[Any, ...]] = [(check_token_ids, path, tokens, vocab_size)]
@@ -307,6 +356,8 @@ _META_OPTIONAL = {
     "source": (lambda v: isinstance(v, str), "a string"),
     "source_fingerprint": (lambda v: isinstance(v, str), "a string"),
     "settings": (lambda v: isinstance(v, dict), "an object"),
+    "tokenizer_kind": (lambda v: v in TOKENIZER_KINDS, "one of " + ", ".join(TOKENIZER_KINDS)),
+    "tokenizer_files": (lambda v: isinstance(v, list), "a list of file entries"),
 }
 _ENTRY_REQUIRED = {
     "file": (lambda v: isinstance(v, str), "a file name"),
@@ -316,6 +367,10 @@ _ENTRY_REQUIRED = {
 _ENTRY_OPTIONAL = {
     "sha256": (_sha, "64 lowercase hex digits"),
     "tokens_sha256": (_sha, "64 lowercase hex digits"),
+}
+_TOKENIZER_FILE_REQUIRED = {
+    "file": (lambda v: isinstance(v, str), "a file name"),
+    "sha256": (_sha, "64 lowercase hex digits"),
 }
 
 
@@ -361,6 +416,15 @@ def meta_problem(data_dir: Path, meta: Any) -> str | None:
         if name in seen:
             return f"shards[{i}]: file {name!r} is listed twice"
         seen.add(name)
+    for i, entry in enumerate(meta.get("tokenizer_files", [])):
+        if not isinstance(entry, dict):
+            return f"tokenizer_files[{i}] is {_json_type(entry)}, not an object"
+        problem = _field_problems(entry, _TOKENIZER_FILE_REQUIRED, {}, f"tokenizer_files[{i}]: ")
+        if problem:
+            return problem
+        problem = _file_name_problem(root, entry["file"])
+        if problem:
+            return f"tokenizer_files[{i}]: file {entry['file']!r} {problem}"
     return None
 
 

@@ -14,6 +14,7 @@ forward pass (`ModelSpec`); everything else is here, written once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
 import math
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import __version__
 from common.checkpoint import Checkpointer, estimate_state_bytes, validate_checkpoint
-from common.config import TrainConfig, config_to_dict, git_commit, handle_config_actions, parse_args
+from common.config import C, TrainConfig, config_to_dict, git_commit, handle_config_actions, parse_args
 from common.data import DatasetIndex, ShardedTrainLoader, ValReader
 from common.dist import (
     DistContext,
@@ -66,7 +67,7 @@ from common.resume import RunPlan, resolve_run
 from common.rng import capture_rng_state, restore_rng_state
 from common.signals import GracefulShutdown
 from common.stepsync import DelayedReadout, Report, StepAgreement
-from common.tokenizer import get_tokenizer
+from common.tokenizer import Tokenizer, dataset_tokenizer
 
 log = logging.getLogger("train")
 
@@ -116,6 +117,12 @@ def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.total_batch_size // per_step
 
 
+def with_dataset_vocab(cfg: C, index: DatasetIndex) -> C:
+    """The config with the model's vocabulary set to the dataset's when --vocab_size is left at 0
+    (the model pads it to a multiple of 64 itself)."""
+    return cfg if cfg.vocab_size else dataclasses.replace(cfg, vocab_size=index.vocab_size)
+
+
 def planned_steps(cfg: TrainConfig, index: DatasetIndex) -> int:
     """max_steps, or enough steps for `epochs` passes over the tokens the dataset will hold
     (meta.json's expected total, so a cache still being written sizes the schedule right)."""
@@ -149,10 +156,10 @@ class _Progress:
 
 class Trainer:
     def __init__(self, plan: RunPlan, ctx: DistContext, make_spec: Callable[[Any, DistContext], ModelSpec]) -> None:
-        self.cfg = cfg = plan.cfg
+        self.index = DatasetIndex.open(plan.cfg.data_dir)
+        self.cfg = cfg = with_dataset_vocab(plan.cfg, self.index)
         self.ctx = ctx
         self.spec = spec = make_spec(cfg, ctx)
-        self.index = DatasetIndex.open(cfg.data_dir)
         if self.index.vocab_size > cfg.vocab_size:
             raise UserError(f"the dataset's tokenizer has {self.index.vocab_size} tokens but --vocab_size is "
                             f"{cfg.vocab_size}; set --vocab_size {self.index.vocab_size}")
@@ -277,16 +284,16 @@ class Trainer:
     def _load_hellaswag(self) -> list[Example]:
         """HellaSwag's examples in the dataset's tokens (missing or malformed data: UserError now)."""
         def encoder() -> Callable[[str], list[int]]:
-            return get_tokenizer(self.index.tokenizer_name).encode_ordinary
+            return dataset_tokenizer(self.index).encode_ordinary
         return load_task("hellaswag", self.cfg.hellaswag_path, encoder, self.cfg.vocab_size, self.ctx)
 
-    def _load_tokenizer(self) -> Any:
+    def _load_tokenizer(self) -> Tokenizer | None:
         """The dataset's tokenizer, for text samples only: the training data is already tokenized,
         so a tokenizer that cannot be loaded costs the run its samples, never the run."""
         if not (self.cfg.sample_tokens and self.cfg.eval_freq and self.ctx.is_main):
             return None
         try:
-            return get_tokenizer(self.index.tokenizer_name)
+            return dataset_tokenizer(self.index)
         except UserError as err:
             log.warning("no text samples in this run: %s", err)
             return None
@@ -356,24 +363,28 @@ class Trainer:
         return torch.autocast(device_type=self.ctx.device.type, dtype=self.spec.autocast_dtype)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> tuple[float, float]:
+        """Validation loss and next-token accuracy (top-1 prediction == target), means over every
+        rank's batches."""
         assert self.val_reader is not None
         self.model.eval()
-        total = torch.zeros((), device=self.ctx.device)
+        totals = torch.zeros(2, device=self.ctx.device)  # loss, accuracy
         batches = 0
         for x, y in self.val_reader:
             with self._autocast(), self.spec.forward_context(None):
-                _, loss = self.model(x, y)
-            total += loss.detach().float()
+                logits, loss = self.model(x, y)
+            totals[0] += loss.detach().float()
+            totals[1] += (logits.argmax(dim=-1) == y).float().mean()
             batches += 1
         self.model.train()
-        return all_reduce_mean(total / batches, self.ctx).item()
+        loss, accuracy = all_reduce_mean(totals / batches, self.ctx).tolist()
+        return loss, accuracy
 
     def sample_text(self) -> str | None:
         if self.tokenizer is None:
             return None
         self.raw_model.eval()
-        prompt = self.tokenizer.encode_ordinary(self.cfg.sample_prompt) or [self.index.eot_token]
+        prompt = self.tokenizer.encode(self.cfg.sample_prompt) or [self.index.eot_token]
         idx = torch.tensor([prompt], dtype=torch.long, device=self.ctx.device)
         generator = torch.Generator(device=self.ctx.device).manual_seed(self.cfg.seed + self.step)
         with self._autocast():
@@ -383,13 +394,13 @@ class Trainer:
 
     def _evaluate_and_log(self) -> bool:
         """Evaluate, log, sample; True when the val loss is the best so far."""
-        val_loss = self.evaluate()
+        val_loss, accuracy = self.evaluate()
         self.last_val_loss = val_loss
         improved = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
-        self.run_logger.log_eval(self.step, val_loss)
-        log.info("step %d | val_loss %.4f | best %.4f%s", self.step, val_loss, self.best_val_loss,
-                 " (new best)" if improved else "")
+        self.run_logger.log_eval(self.step, val_loss, accuracy)
+        log.info("step %d | val_loss %.4f | val_accuracy %.4f | best %.4f%s", self.step, val_loss, accuracy,
+                 self.best_val_loss, " (new best)" if improved else "")
         return improved
 
     def _hellaswag_due(self, step: int) -> bool:
@@ -418,7 +429,7 @@ class Trainer:
             if self.cfg.eval_freq and self.step % self.cfg.eval_freq == 0:
                 text = self.sample_text()
                 if text is not None:
-                    self.run_logger.log_sample(self.step, text)
+                    self.run_logger.log_sample(self.step, text, prompt=self.cfg.sample_prompt)
             if self.cfg.viz_freq and self.step % self.cfg.viz_freq == 0:
                 self._write_plots()
         rank0_decides(work, self.ctx)
