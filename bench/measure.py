@@ -92,7 +92,8 @@ def bare_run(flags: Sequence[str], warmup: int, run_dir: Path, peak_n: int, load
     tokens_per_sec = raw["tokens_per_step"] * len(steps) / seconds
     return {
         "process": process, "device": raw["device"], "torch": raw["torch"], "threads": raw["threads"],
-        "precision": raw["precision"], "params": raw["params"], "flops_per_token": raw["flops_per_token"],
+        "precision": raw["precision"], "fused_ce": raw["fused_ce"], "adamw": raw["adamw"], "params": raw["params"],
+        "flops_per_token": raw["flops_per_token"],
         "tokens_per_step": raw["tokens_per_step"], "steps": len(steps), "seconds": seconds,
         "step_s": seconds / len(steps), "step_median_s": statistics.median(steps), "tokens_per_sec": tokens_per_sec,
         "loader_share": sum(raw["loader_s"][warmup:]) / seconds,
