@@ -43,10 +43,15 @@ def _busy_cpu_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def child_env() -> dict[str, str]:
+    """The environment of every process the bench starts."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+
+
 def run_process(cmd: Sequence[str], log_file: Path, timeout_s: float = 3600) -> dict[str, Any]:
     """Run `cmd` to its end, output to `log_file`; raise with the log's tail if it fails."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env = child_env()
     busy_before, launch = _busy_cpu_s(), time.time()
     with log_file.open("w") as out:
         proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
