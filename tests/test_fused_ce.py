@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.fused_ce import chunk_rows_for, linear_cross_entropy
+from common import fused_ce
+from common.fused_ce import chunk_rows_for, cross_entropy_in_chunks, linear_cross_entropy
 from common.model import GPT, GPTConfig
 
 V, C, N = 300, 24, 70
@@ -175,3 +176,36 @@ def test_auto_follows_the_device_list() -> None:
     assert model.config.fused_ce == "auto" and model.uses_fused_ce(torch.device("cpu"))
     assert not GPT(GPTConfig(**SMALL, fused_ce="off")).uses_fused_ce(torch.device("cpu"))
     assert not model.uses_fused_ce(torch.device("meta"))  # not measured there: the plain path
+
+
+def test_evaluation_loss_in_chunks_equals_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits, targets = torch.randn(3, 20, V, generator=g), torch.randint(0, V, (3, 20), generator=g)
+    targets[1, :7] = -100
+    expected = F.cross_entropy(logits.view(-1, V), targets.view(-1))
+    for rows in (1, 13, None):
+        torch.testing.assert_close(cross_entropy_in_chunks(logits, targets, chunk_rows=rows), expected)
+
+
+def test_evaluation_without_gradients_keeps_no_second_logits_sized_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under no_grad the loss comes from the logits in row chunks: the largest tensor made during
+    the forward is the logits themselves, not also their (B*T, V) log-softmax. (Chunks of 4 rows
+    here: the default budget holds this small test's logits in one chunk.)"""
+    monkeypatch.setitem(fused_ce.CHUNK_ELEMENTS, "cpu", 4 * 1024)
+    _, plain = model_pair(vocab_size=1000)
+    idx = torch.randint(0, 1000, (4, 16))
+    storages: set[tuple[int, int]] = set()  # (address, bytes) of each tensor's memory: views share it
+
+    class Watch(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            storages.update((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                            for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor))
+            return out
+
+    with torch.no_grad(), Watch():
+        logits, loss = plain.eval()(idx, idx)
+    logits_bytes = 4 * 16 * plain.padded_vocab_size * 4
+    assert sum(1 for _, nbytes in storages if nbytes >= logits_bytes) == 1  # the logits, made once
+    _, with_grad = plain(idx, idx)  # the plain F.cross_entropy over the padded vocabulary
+    torch.testing.assert_close(loss, with_grad.detach())

@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 # Logits per chunk, by device. CPU: about 32 MB of fp32, the size measured fastest on the CPU of
 # docs/BENCHMARKS.md (smaller chunks pay for more passes over the weight's gradient, larger ones
@@ -94,6 +95,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def cross_entropy_in_chunks(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+                            chunk_rows: int | None = None) -> torch.Tensor:
+    """`F.cross_entropy(logits, targets)` for logits that exist already (evaluation), without its
+    (N, V) log-softmax copy: row chunks, each soft-maxed in fp32 and summed. No gradient."""
+    logits2d, flat = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    rows = chunk_rows or chunk_rows_for(logits2d.size(0), logits2d.size(1), logits.device.type)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    with torch.no_grad():
+        for start in range(0, logits2d.size(0), rows):
+            total += F.cross_entropy(logits2d[start:start + rows].float(), flat[start:start + rows],
+                                     ignore_index=ignore_index, reduction="sum")
+        return total / (flat != ignore_index).sum().clamp(min=1)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

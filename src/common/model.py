@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.fused_ce import linear_cross_entropy
+from common.fused_ce import cross_entropy_in_chunks, linear_cross_entropy
 
 LinearFactory = Callable[[int, int, bool], nn.Module]
 
@@ -154,7 +154,10 @@ class GPT(nn.Module):
         # slice off the padding; the padding ids never occur as targets, so their logits are
         # simply pushed down. cross_entropy runs in fp32 under autocast.
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        if not torch.is_grad_enabled():  # evaluation: the loss without a second logits-sized tensor
+            loss = cross_entropy_in_chunks(logits, targets)
+        else:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return (None if self.training else logits[..., : self.config.vocab_size]), loss
 
     def uses_fused_ce(self, device: torch.device) -> bool:
