@@ -44,8 +44,13 @@ def _busy_cpu_s() -> float | None:
 
 
 def child_env() -> dict[str, str]:
-    """The environment of every process the bench starts."""
-    return dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    """The environment of every process the bench starts. The processes run in the repository
+    (cwd=REPO): a relative TIKTOKEN_CACHE_DIR, meant from where the bench was started, is made
+    absolute so that they read the same tiktoken cache."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    if env.get("TIKTOKEN_CACHE_DIR"):
+        env["TIKTOKEN_CACHE_DIR"] = os.path.abspath(env["TIKTOKEN_CACHE_DIR"])
+    return env
 
 
 def run_process(cmd: Sequence[str], log_file: Path, timeout_s: float = 3600) -> dict[str, Any]:
@@ -153,6 +158,11 @@ def trainer_run(flags: Sequence[str], run_dir: Path, name: str, *, event_freq: i
     log_dir = run_dir / "logs"
     process = run_process([sys.executable, TRAINER, *flags, "--log_dir", log_dir,
                            "--checkpoint_dir", run_dir / "ckpt", *extra], run_dir / f"{name}.log")
+    no_samples = [line for line in (run_dir / f"{name}.log").read_text(errors="replace").splitlines()
+                  if "no text samples in this run" in line]
+    if no_samples:  # the tokenizer did not load: the run lacks a feature the overhead must include
+        raise RuntimeError(f"the trainer ran without its text samples, so it is not measured with every feature "
+                           f"on: {no_samples[0].strip()}")
     rows = [r for r in read_rows(log_dir) if r["step"] > after_step]
     first = rows[0]
     to_first_row = first["time"] - process["launch_unix"]

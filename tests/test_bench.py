@@ -185,3 +185,24 @@ def test_tiny_real_measurement_reaches_the_report(tmp_path: Path, prepared_data:
     for run in (r["bare"], r["trainer"], r["resumed"]):
         assert run["process"]["peak_rss_mb"] > 100
     check_report(report.render(canned_results(ov["rounds"])))
+
+
+def test_children_read_the_tiktoken_cache_the_bench_was_pointed_at(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """The bench's processes run in the repository: a cache directory given relative to where the
+    bench was started reaches them as the same directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "cache")
+    assert measure.child_env()["TIKTOKEN_CACHE_DIR"] == str(tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_a_trainer_run_without_its_text_samples_is_not_measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                prepared_data: Path) -> None:
+    """A tokenizer that cannot load costs a run its samples, not the run: the bench must then not
+    report that run as one with every feature on."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    flags = ["--config", "configs/tiny_cpu.json", "--data_dir", str(prepared_data), *MODE["model"],
+             "--max_steps", "2", "--eval_freq", "2", "--eval_batches", "1", "--sample_tokens", "2"]
+    with pytest.raises(RuntimeError, match="without its text samples.*cannot load tokenizer"):
+        measure.trainer_run(flags, tmp_path / "run", "fresh")
