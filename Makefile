@@ -24,7 +24,7 @@ else
   TORCH_INDEX :=
 endif
 
-.PHONY: help setup data train test lint bench tensorboard checkpoints resume clean-venv
+.PHONY: help setup data train test lint bench gpu-check tensorboard checkpoints resume clean-venv
 
 help:
 	@echo "make train        set up, prepare the default data, train the tiny model with torchrun"
@@ -32,6 +32,7 @@ help:
 	@echo "make setup        create $(VENV) with torch $(TORCH_VERSION) ($(if $(HAS_NVIDIA),CUDA,CPU) build) and the project"
 	@echo "make data         prepare the embedded stdlib corpus into $(DATA_DIR)"
 	@echo "make bench        the trainer against a bare loop, side by side, into docs/BENCHMARKS.md (ARGS=--quick)"
+	@echo "make gpu-check    on a lent GPU (under 8 min): bf16+compile and FP8 runs, stop/resume, report in logs/gpu_check"
 	@echo "make tensorboard  start TensorBoard on logs/ and print the SSH tunnel line"
 	@echo "make checkpoints  list checkpoints with step, val loss and validity"
 	@echo "make resume       resume the last run (ARGS='--max_steps 2000' to pass flags)"
@@ -67,6 +68,9 @@ lint: setup
 
 bench: setup
 	$(PY) bench/run_bench.py $(ARGS)
+
+gpu-check: setup
+	$(PY) bench/gpu_check.py $(ARGS)
 
 tensorboard: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash shell/start_tensorboard.sh $(ARGS)

@@ -6,6 +6,8 @@ Takes the trainer's own flags and builds the trainer's pieces from them (`common
 `common.optim.build_adamw`, `common.data.ShardedTrainLoader`, the thread policy, the autocast
 rule), then does only what a step must do: next_batch, forward and backward per micro-batch,
 optimizer step, zero_grad. It records each step's seconds and the seconds spent in next_batch.
+`--bench_adamw foreach` swaps the trainer's fused AdamW for the foreach one (same groups and
+hyperparameters), to measure what the fused one wins.
 
 Outside the steps it also times: a large fp32 matrix product before the first step and after
 the last (the device's measured peak, for MFU), and then `--bench_loader_batches` calls of
@@ -43,7 +45,14 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def run(cfg: TrainConfig, warmup: int, peak_n: int, loader_batches: int) -> dict[str, Any]:
+def foreach_adamw(fused: torch.optim.AdamW) -> torch.optim.AdamW:
+    """The same parameter groups and hyperparameters as `fused`, with the foreach implementation."""
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in fused.param_groups]
+    d = fused.defaults
+    return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], foreach=True)
+
+
+def run(cfg: TrainConfig, warmup: int, peak_n: int, loader_batches: int, adamw: str = "fused") -> dict[str, Any]:
     device = choose_device(cfg.device, 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -55,6 +64,8 @@ def run(cfg: TrainConfig, warmup: int, peak_n: int, loader_batches: int) -> dict
     cfg = with_dataset_vocab(cfg, DatasetIndex.open(cfg.data_dir))
     model = GPT(GPTConfig.from_train_config(cfg)).to(device)
     optimizer = build_adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    if adamw == "foreach":
+        optimizer = foreach_adamw(optimizer)
     forward = torch.compile(model) if (cfg.compile if cfg.compile is not None else device.type == "cuda") else model
     dtype = resolve_autocast_dtype(cfg, device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
@@ -90,6 +101,8 @@ def run(cfg: TrainConfig, warmup: int, peak_n: int, loader_batches: int) -> dict
         "torch": torch.__version__,
         "threads": threads,
         "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+        "fused_ce": model.uses_fused_ce(device),
+        "adamw": adamw,
         "params": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token(model.num_params(), cfg.n_layer, cfg.n_embd, cfg.block_size),
         "tokens_per_step": cfg.total_batch_size,
@@ -108,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--bench_json", required=True, help="write the result here")
     bench.add_argument("--bench_peak_n", type=int, default=2048, help="size of the timed square matmul")
     bench.add_argument("--bench_loader_batches", type=int, default=500, help="next_batch calls timed alone")
+    bench.add_argument("--bench_adamw", choices=("fused", "foreach"), default="fused", help="AdamW implementation")
     known, rest = bench.parse_known_args(argv)
     cfg, _ = parse_args(rest, TrainConfig)
-    result = run(cfg, known.bench_warmup, known.bench_peak_n, known.bench_loader_batches)
+    result = run(cfg, known.bench_warmup, known.bench_peak_n, known.bench_loader_batches, known.bench_adamw)
     Path(known.bench_json).write_text(json.dumps(result))
     return 0
 

@@ -43,10 +43,20 @@ def _busy_cpu_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def child_env() -> dict[str, str]:
+    """The environment of every process the bench starts. The processes run in the repository
+    (cwd=REPO): a relative TIKTOKEN_CACHE_DIR, meant from where the bench was started, is made
+    absolute so that they read the same tiktoken cache."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    if env.get("TIKTOKEN_CACHE_DIR"):
+        env["TIKTOKEN_CACHE_DIR"] = os.path.abspath(env["TIKTOKEN_CACHE_DIR"])
+    return env
+
+
 def run_process(cmd: Sequence[str], log_file: Path, timeout_s: float = 3600) -> dict[str, Any]:
     """Run `cmd` to its end, output to `log_file`; raise with the log's tail if it fails."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env = child_env()
     busy_before, launch = _busy_cpu_s(), time.time()
     with log_file.open("w") as out:
         proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -92,7 +102,8 @@ def bare_run(flags: Sequence[str], warmup: int, run_dir: Path, peak_n: int, load
     tokens_per_sec = raw["tokens_per_step"] * len(steps) / seconds
     return {
         "process": process, "device": raw["device"], "torch": raw["torch"], "threads": raw["threads"],
-        "precision": raw["precision"], "params": raw["params"], "flops_per_token": raw["flops_per_token"],
+        "precision": raw["precision"], "fused_ce": raw["fused_ce"], "adamw": raw["adamw"], "params": raw["params"],
+        "flops_per_token": raw["flops_per_token"],
         "tokens_per_step": raw["tokens_per_step"], "steps": len(steps), "seconds": seconds,
         "step_s": seconds / len(steps), "step_median_s": statistics.median(steps), "tokens_per_sec": tokens_per_sec,
         "loader_share": sum(raw["loader_s"][warmup:]) / seconds,
@@ -147,6 +158,11 @@ def trainer_run(flags: Sequence[str], run_dir: Path, name: str, *, event_freq: i
     log_dir = run_dir / "logs"
     process = run_process([sys.executable, TRAINER, *flags, "--log_dir", log_dir,
                            "--checkpoint_dir", run_dir / "ckpt", *extra], run_dir / f"{name}.log")
+    no_samples = [line for line in (run_dir / f"{name}.log").read_text(errors="replace").splitlines()
+                  if "no text samples in this run" in line]
+    if no_samples:  # the tokenizer did not load: the run lacks a feature the overhead must include
+        raise RuntimeError(f"the trainer ran without its text samples, so it is not measured with every feature "
+                           f"on: {no_samples[0].strip()}")
     rows = [r for r in read_rows(log_dir) if r["step"] > after_step]
     first = rows[0]
     to_first_row = first["time"] - process["launch_unix"]

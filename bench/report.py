@@ -158,6 +158,62 @@ Trainer / bare loop: **{med(x['trainer_over_bare'], 2)}**.
 {cuda}"""
 
 
+def _variant(r: Results, key: str, what: str) -> str:
+    x = r[key]
+    a, b = x["sides"]
+    rows = [[str(i + 1), v["order"], num(v[a]["tokens_per_sec"]), num(v[b]["tokens_per_sec"]),
+             num(v[a]["tokens_per_sec"] / v[b]["tokens_per_sec"], 3), num(_peak(v[a])), num(_peak(v[b]))]
+            for i, v in enumerate(x["rounds"])]
+    first = x["rounds"][0][a]
+    header = ["round", "order", f"{a} tok/s", f"{b} tok/s", f"{a} / {b}", f"{a} peak MB", f"{b} peak MB"]
+    return f"""\
+`bench/bare_loop.py` with section 1's model and batch ({num(first['tokens_per_step'])} tokens a step,
+{first['steps']} steps timed after the first {r['overhead']['warmup']}), one process per side and round, {what}:
+`{' '.join(x['flags'][a])}` against `{' '.join(x['flags'][b])}`. Peak memory: {_peak_kind(first)}.
+
+{table(header, rows)}
+**{a} / {b}: {med(x['speedup'], 3)} times the tokens/s, {med(x['memory_ratio'], 2)} times the peak memory.**
+"""
+
+
+def _peak(run: Results) -> float:
+    return run["cuda_peak_allocated_mb"] if run["cuda_peak_allocated_mb"] is not None else run["process"]["peak_rss_mb"]
+
+
+def _peak_kind(run: Results) -> str:
+    return ("CUDA's peak allocation" if run["cuda_peak_allocated_mb"] is not None
+            else "the process's peak resident set size (model, optimizer and runtime included)")
+
+
+def _cross_entropy(r: Results) -> str:
+    return _variant(r, "cross_entropy", "the loss through the chunked linear + cross-entropy (common/fused_ce.py) "
+                                        "or the plain product and `F.cross_entropy`")
+
+
+def _adamw(r: Results) -> str:
+    return _variant(r, "adamw", "the trainer's fused AdamW (one kernel per parameter group; it also lets the "
+                                "trainer skip a step without a host sync) or the foreach implementation")
+
+
+def _budget(r: Results) -> str:
+    x = r["memory_budget"]
+    paths = x["paths"]
+    sizes = sorted({t["batch"] for p in paths.values() for t in p["tried"]})
+    rows = [[str(size), *[next((f"{num(t['peak_mb'])} MB" + ("" if t["peak_mb"] <= x["budget_mb"] else " (over)")
+                                for t in p["tried"] if t["batch"] == size), "") for p in paths.values()]]
+            for size in sizes]
+    largest = ", ".join(f"{name} **{p['largest']}{' or more (the cap)' if p['capped'] else ''}**"
+                        for name, p in paths.items())
+    return f"""\
+The bare loop for two steps at micro-batch 1, 2, 4 ... ({num(x['block_size'])} tokens a sequence, no
+accumulation) until its peak memory passes a budget of **{num(x['budget_mb'])} MB** or the micro-batch
+reaches {x['max_batch']}; one process per size, one pass (memory does not depend on the machine's load).
+
+{table(["micro-batch", *[f"{name} peak" for name in paths]], rows)}
+Largest micro-batch within the budget: {largest}.
+"""
+
+
 def _targets(r: Results) -> str:
     return table(["target", "this run", ""], [[t["target"], num(t["value"], 2), "met" if t["met"] else "**missed**"]
                                               for t in r["targets"]])
@@ -171,6 +227,9 @@ SECTIONS: tuple[tuple[str, Callable[[Results], str]], ...] = (
     ("## 4. Checkpoint stall", _checkpoints),
     ("## 5. Launch to first step", _startup),
     ("## 6. Peak memory", _memory),
+    ("## 7. Cross-entropy: chunked against plain", _cross_entropy),
+    ("## 8. Micro-batch within a memory budget", _budget),
+    ("## 9. AdamW: fused against foreach", _adamw),
     ("## Targets", _targets),
 )
 def render(r: Results) -> str:

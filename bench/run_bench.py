@@ -8,8 +8,10 @@ Every comparison runs its two sides as separate processes, one after the other, 
 repeats (A B, B A, ...), and reports per-round ratios, medians and their spread. The sections:
 trainer overhead against the bare loop (at the bench's evaluation and checkpoint frequency and at
 the presets'), MFU against a measured matmul peak, data loader throughput, checkpoint stall async
-against sync, launch to first step fresh against resumed, peak memory. `--quick` runs them all in
-reduced size (one to two minutes on 2 CPU cores; the full run 10 to 15).
+against sync, launch to first step fresh against resumed, peak memory; then the bare loop with one
+setting changed: cross-entropy chunked against plain (tokens/s, peak memory, and the largest
+micro-batch within a memory budget) and AdamW fused against foreach. `--quick` runs them all in
+reduced size (two to three minutes on 2 CPU cores; the full run 15 to 20).
 """
 from __future__ import annotations
 
@@ -49,12 +51,14 @@ MODES: dict[str, dict[str, Any]] = {
         "checkpoint_models": [("the overhead model", SMALL_BATCH),
                               ("~25M", ["--n_layer", "4", "--n_head", "6", "--n_embd", "384", *SMALL_BATCH])],
         "checkpoint_steps": 32, "checkpoint_freq": 10, "checkpoint_repeats": 2, "prepare_tokens": 3_000_000,
+        "variant_steps": 20, "budget_mb": 1500, "budget_max_batch": 256,
     },
     "quick": {
         "model": QUICK_MODEL, "steps": 16, "warmup": 2, "event_freq": 7, "repeats": 2, "resume_steps": 2,
         "eval_batches": 2, "sample_tokens": 8, "peak_n": 1024, "loader_batches": 300,
         "checkpoint_models": [("the overhead model", [])],
         "checkpoint_steps": 8, "checkpoint_freq": 3, "checkpoint_repeats": 2, "prepare_tokens": 1_000_000,
+        "variant_steps": 8, "budget_mb": 700, "budget_max_batch": 32,
     },
 }
 
@@ -176,6 +180,69 @@ def summarize_checkpoints(label: str, flags: list[str], freq: int, rounds: list[
     }
 
 
+# One setting of the bare loop changed, the rest as the overhead section's: (name, flags) per side.
+VARIANTS: dict[str, tuple[tuple[str, list[str]], tuple[str, list[str]]]] = {
+    "cross_entropy": (("chunked", ["--fused_ce", "on"]), ("plain", ["--fused_ce", "off"])),
+    "adamw": (("fused", ["--bench_adamw", "fused"]), ("foreach", ["--bench_adamw", "foreach"])),
+}
+
+
+def peak_mb(run: dict[str, Any]) -> float:
+    """What a step needs at most: CUDA's peak allocation on a GPU, the process's peak RSS elsewhere."""
+    cuda = run["cuda_peak_allocated_mb"]
+    return cuda if cuda is not None else run["process"]["peak_rss_mb"]
+
+
+def variant_section(name: str, mode: dict[str, Any], model_flags: list[str], work: Path) -> dict[str, Any]:
+    """The bare loop with each side's flags, alternated: tokens/s and peak memory per side."""
+    (a, a_flags), (b, b_flags) = VARIANTS[name]
+
+    def side(flags: list[str], label: str) -> Any:
+        return lambda i: measure.bare_run([*model_flags, "--max_steps", str(mode["variant_steps"]), *flags],
+                                          mode["warmup"], work / f"{name}_{label}_{i}", peak_n=64, loader_batches=1)
+
+    rounds = measure.alternate([(a, side(a_flags, a)), (b, side(b_flags, b))], mode["repeats"])
+    return summarize_variant(name, rounds)
+
+
+def summarize_variant(name: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    (a, a_flags), (b, b_flags) = VARIANTS[name]
+    return {
+        "sides": [a, b], "flags": {a: a_flags, b: b_flags}, "rounds": rounds,
+        "tokens_per_sec": {side: spread([r[side]["tokens_per_sec"] for r in rounds]) for side in (a, b)},
+        "peak_mb": {side: spread([peak_mb(r[side]) for r in rounds]) for side in (a, b)},
+        "speedup": spread([r[a]["tokens_per_sec"] / r[b]["tokens_per_sec"] for r in rounds]),
+        "memory_ratio": spread([peak_mb(r[a]) / peak_mb(r[b]) for r in rounds]),
+    }
+
+
+def budget_section(mode: dict[str, Any], model_flags: list[str], block_size: int, work: Path) -> dict[str, Any]:
+    """Per cross-entropy path, the largest micro-batch whose two-step run stays within the budget:
+    micro-batches 1, 2, 4 ... until one passes it (or the cap is reached)."""
+    budget, cap = mode["budget_mb"], mode["budget_max_batch"]
+    out: dict[str, Any] = {"budget_mb": budget, "max_batch": cap, "block_size": block_size, "paths": {}}
+    for label, flags in VARIANTS["cross_entropy"]:
+        tried = []
+        batch = 1
+        while batch <= cap:
+            run = measure.bare_run([*model_flags, *flags, "--batch_size", str(batch), "--total_batch_size",
+                                    str(batch * block_size), "--max_steps", "2"], 1,
+                                   work / f"budget_{label}_{batch}", peak_n=64, loader_batches=1)
+            tried.append({"batch": batch, "peak_mb": peak_mb(run), "tokens_per_sec": run["tokens_per_sec"]})
+            if tried[-1]["peak_mb"] > budget:
+                break
+            batch *= 2
+        out["paths"][label] = summarize_budget(tried, budget)
+    return out
+
+
+def summarize_budget(tried: list[dict[str, Any]], budget: float) -> dict[str, Any]:
+    fitting = [t for t in tried if t["peak_mb"] <= budget]
+    # The search ends at the first micro-batch over the budget, or at the cap with every one within it.
+    return {"tried": tried, "largest": fitting[-1]["batch"] if fitting else 0,
+            "capped": tried[-1]["peak_mb"] <= budget}
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ov = results["overhead"]
     share = results["loader"]["share_of_step_pct"]["median"]
@@ -191,6 +258,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- machine and data
+
+def block_size(flags: list[str]) -> int:
+    """The block size the trainer's own flag parsing gives these flags (config file included)."""
+    sys.path.insert(0, str(REPO / "src"))
+    from common.config import TrainConfig, parse_args
+
+    cfg, _ = parse_args(flags, TrainConfig)
+    return cfg.block_size
+
 
 def machine_info() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
@@ -286,6 +362,15 @@ def main(argv: list[str] | None = None) -> int:
         results.update(data=data, overhead=ov, **derived_sections(ov, mode))
         say("4. checkpoint stall: async against sync, alternated")
         results["checkpoints"] = checkpoint_section(mode, data_flags, work / "checkpoints")
+        model_flags = [*data_flags, *mode["model"]]
+        say("7. cross-entropy: chunked against plain, alternated")
+        results["cross_entropy"] = variant_section("cross_entropy", mode, model_flags, work / "variants")
+        say(f"   chunked / plain: {results['cross_entropy']['speedup']['median']:.2f}x tokens/s, "
+            f"{results['cross_entropy']['memory_ratio']['median']:.2f}x peak memory")
+        say(f"8. the largest micro-batch within {mode['budget_mb']} MB, per cross-entropy path")
+        results["memory_budget"] = budget_section(mode, model_flags, block_size(model_flags), work / "budget")
+        say("9. AdamW: fused against foreach, alternated")
+        results["adamw"] = variant_section("adamw", mode, model_flags, work / "variants")
         bare, loads = ov["rounds"][0]["bare"], list(_other_loads(results))
         results["machine"].update(device=bare["device"], torch=bare["torch"], load_average_end=list(os.getloadavg()),
                                   other_load_cores=spread(loads) if loads else None)

@@ -22,7 +22,8 @@ import report  # noqa: E402
 import run_bench  # noqa: E402
 
 MODE = {"steps": 6, "warmup": 1, "event_freq": 2, "repeats": 1, "resume_steps": 1, "eval_batches": 1,
-        "sample_tokens": 2, "peak_n": 64, "loader_batches": 20,
+        "sample_tokens": 2, "peak_n": 64, "loader_batches": 20, "variant_steps": 3, "budget_mb": 900,
+        "budget_max_batch": 4,
         "model": ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "2",
                   "--total_batch_size", "64", "--cpu_threads", "1"]}
 
@@ -65,13 +66,23 @@ def canned_results(rounds: list[dict[str, Any]] | None = None, mode: dict[str, A
         "overhead": ov, **run_bench.derived_sections(ov, mode),
         "checkpoints": [run_bench.summarize_checkpoints("the overhead model", [], 3, ckpt_rounds)],
     }
+    results["cross_entropy"] = run_bench.summarize_variant("cross_entropy", [
+        {"order": "chunked plain", "chunked": _bare(0.08), "plain": {**_bare(0.10), "process": _process(900.0)}}])
+    results["adamw"] = run_bench.summarize_variant("adamw", [
+        {"order": "fused foreach", "fused": _bare(0.10), "foreach": _bare(0.11)}])
+    results["memory_budget"] = {"budget_mb": 900, "max_batch": 64, "block_size": 32, "paths": {
+        "chunked": run_bench.summarize_budget([{"batch": b, "peak_mb": 600 + b, "tokens_per_sec": 640.0}
+                                               for b in (1, 2, 4, 8, 16, 32, 64)], 900),
+        "plain": run_bench.summarize_budget([{"batch": b, "peak_mb": 600 + 60 * b, "tokens_per_sec": 600.0}
+                                             for b in (1, 2, 4, 8)], 900)}}
     results["targets"] = run_bench.targets(results)
     return results
 
 
 # The sections docs/BENCHMARKS.md must have, in order (issues 11 and 16).
 HEADINGS = ("## How it was run", "## 1. Trainer overhead", "## 2. MFU", "## 3. Data loader", "## 4. Checkpoint stall",
-            "## 5. Launch to first step", "## 6. Peak memory", "## Targets")
+            "## 5. Launch to first step", "## 6. Peak memory", "## 7. Cross-entropy: chunked against plain",
+            "## 8. Micro-batch within a memory budget", "## 9. AdamW: fused against foreach", "## Targets")
 
 
 def check_report(text: str) -> None:
@@ -118,10 +129,48 @@ def test_report_has_every_section_and_rejects_malformed_figures() -> None:
     broken["checkpoints"][0]["sync_stall_s"]["median"] = math.nan
     with pytest.raises(ValueError, match="not a finite figure"):
         report.render(broken)
+    assert "**chunked / plain: 1.250 (1.250..1.250) times the tokens/s, 0.67 (0.67..0.67) times" in text
+    assert "chunked **64 or more (the cap)**, plain **4**" in text
+    assert "| 8 | 608 MB | 1,080 MB (over) |" in text
+
     broken = copy.deepcopy(results)
     del broken["loader"]
     with pytest.raises(KeyError):
         report.render(broken)
+
+
+def test_budget_search_doubles_until_over_the_budget_or_the_cap(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """Peak memory grows with the micro-batch: each path stops at its first size over the budget;
+    one that never passes it stops at the cap. Each size is one bare-loop run with its flags."""
+    calls: list[list[str]] = []
+
+    def fake_bare_run(flags: list[str], warmup: int, run_dir: Path, peak_n: int, loader_batches: int) -> dict[str, Any]:
+        calls.append(flags)
+        batch = int(flags[flags.index("--batch_size") + 1])
+        per_sample = 10 if "on" in flags else 150
+        assert flags[flags.index("--total_batch_size") + 1] == str(batch * 32)
+        return {"cuda_peak_allocated_mb": None, "process": _process(500 + per_sample * batch), "tokens_per_sec": 1.0}
+
+    monkeypatch.setattr(measure, "bare_run", fake_bare_run)
+    out = run_bench.budget_section({"budget_mb": 900, "budget_max_batch": 16}, ["--x"], 32, tmp_path)
+    chunked, plain = out["paths"]["chunked"], out["paths"]["plain"]
+    assert [t["batch"] for t in chunked["tried"]] == [1, 2, 4, 8, 16] and chunked["largest"] == 16 and chunked["capped"]
+    assert [t["batch"] for t in plain["tried"]] == [1, 2, 4] and plain["largest"] == 2 and not plain["capped"]
+    assert len(calls) == 8
+
+
+@pytest.mark.slow
+def test_tiny_real_variants_run_each_side(tmp_path: Path, prepared_data: Path) -> None:
+    """The bare loop really takes each side's flags: chunked and plain cross-entropy, fused and
+    foreach AdamW (the loop reports what it ran)."""
+    flags = ["--config", "configs/tiny_cpu.json", "--data_dir", str(prepared_data), *MODE["model"]]
+    ce = run_bench.variant_section("cross_entropy", MODE, flags, tmp_path)
+    adamw = run_bench.variant_section("adamw", MODE, flags, tmp_path)
+    (ce_round,), (adamw_round,) = ce["rounds"], adamw["rounds"]
+    assert ce_round["chunked"]["fused_ce"] is True and ce_round["plain"]["fused_ce"] is False
+    assert adamw_round["fused"]["adamw"] == "fused" and adamw_round["foreach"]["adamw"] == "foreach"
+    assert ce_round["chunked"]["steps"] == MODE["variant_steps"] - MODE["warmup"]
 
 
 @pytest.mark.slow
@@ -136,3 +185,24 @@ def test_tiny_real_measurement_reaches_the_report(tmp_path: Path, prepared_data:
     for run in (r["bare"], r["trainer"], r["resumed"]):
         assert run["process"]["peak_rss_mb"] > 100
     check_report(report.render(canned_results(ov["rounds"])))
+
+
+def test_children_read_the_tiktoken_cache_the_bench_was_pointed_at(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """The bench's processes run in the repository: a cache directory given relative to where the
+    bench was started reaches them as the same directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "cache")
+    assert measure.child_env()["TIKTOKEN_CACHE_DIR"] == str(tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_a_trainer_run_without_its_text_samples_is_not_measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                prepared_data: Path) -> None:
+    """A tokenizer that cannot load costs a run its samples, not the run: the bench must then not
+    report that run as one with every feature on."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    flags = ["--config", "configs/tiny_cpu.json", "--data_dir", str(prepared_data), *MODE["model"],
+             "--max_steps", "2", "--eval_freq", "2", "--eval_batches", "1", "--sample_tokens", "2"]
+    with pytest.raises(RuntimeError, match="without its text samples.*cannot load tokenizer"):
+        measure.trainer_run(flags, tmp_path / "run", "fresh")

@@ -513,12 +513,12 @@ def test_evaluation_passes_none_and_leaves_the_cache_alone():
     model, forward = fp8_gpt(te)
     (x, y), = micro_batches(1)
     with forward.forward_context(True):
-        expected, _ = model(x, y)
+        _, expected = model(x, y)  # training mode: the loss alone
     with torch.no_grad(), forward.forward_context():  # evaluation: None
         model(x, y)
     before = te.quantizations
     with forward.forward_context(False):
-        got, _ = model(x, y)
+        _, got = model(x, y)
     assert te.quantizations == before and torch.equal(got, expected)
     assert forward.first_microbatch is None  # restored after each forward
 
@@ -534,9 +534,9 @@ def test_reloaded_weights_are_never_served_from_a_stale_cache():
         model(x, y)
     model.load_state_dict(other.state_dict())
     with forward.forward_context(False):
-        got, _ = model(x, y)
+        _, got = model(x, y)
     with forward.forward_context(None):
-        expected, _ = model(x, y)
+        _, expected = model(x, y)  # training mode: the loss alone
     assert torch.equal(got, expected)
     before = te.quantizations
     with forward.forward_context(False):  # refreshed once; the cache serves the rest of the step

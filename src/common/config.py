@@ -94,6 +94,7 @@ class TrainConfig:
     device: str = _field("auto", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = _field("auto", choices=("auto", "float32", "bfloat16"))  # auto: bf16 on CUDA, fp32 elsewhere
     compile: bool | None = None  # None: on for CUDA, off elsewhere
+    fused_ce: str = _field("auto", choices=("auto", "on", "off"))  # chunked linear + cross-entropy in training
     cpu_threads: int = _field(0, ge=0)  # 0: cores divided among the ranks on this node
 
     def model_shape(self) -> dict[str, Any]:

@@ -101,6 +101,19 @@ def set_cpu_threads(requested: int, local_world_size: int) -> int:
     return requested
 
 
+def enable_tf32() -> None:
+    """TF32 tensor cores for the fp32 matmuls and convolutions left outside bf16 autocast (Ampere
+    and newer). Through the `fp32_precision` settings of torch >= 2.9: the `allow_tf32` flags they
+    replace are deprecated, and once anything (inductor, a library) uses the new settings, torch
+    refuses to read a state set with both. Older torch has only the flags."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def _set_nccl_debug_defaults(log_dir: str | None) -> None:
     """NCCL's flight recorder: on a collective timeout each rank dumps its last collectives, which
     names the rank that stalled and the operation (the user's own settings win)."""
@@ -123,9 +136,7 @@ def init_distributed(device_preference: str = "auto", cpu_threads: int = 0, time
     device = choose_device(device_preference, local_rank, local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # TF32 tensor cores for the fp32 matmuls left outside bf16 autocast (Ampere and newer).
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     set_cpu_threads(cpu_threads, local_world_size)
 
     backend: str | None = None

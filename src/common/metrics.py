@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 
 import psutil
 import torch
 
-# Dense bf16 tensor-core peak per GPU, FLOP/s, without sparsity (vendor data sheets).
+# Dense bf16 tensor-core peak per GPU, FLOP/s, without sparsity (vendor data sheets). A key
+# matches whole words of the device name (torch.cuda.get_device_name), the longest key first:
+# "H200 NVL" before "H200", and "A10" never matches an A100.
 PEAK_BF16_FLOPS: dict[str, float] = {
     "B200": 2.25e15,
     "B100": 1.75e15,
     "GB200": 2.5e15,
     "H200": 989e12,
+    "H200 NVL": 835e12,
     "H100 SXM": 989e12,  # also "H100 80GB HBM3"
     "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
     "H800": 989e12,
+    "H800 PCIe": 756e12,
     "H20": 148e12,
     "GH200": 989e12,
     "L40S": 362e12,
@@ -34,6 +39,7 @@ PEAK_BF16_FLOPS: dict[str, float] = {
     "RTX 3090": 71e12,
     "A100": 312e12,
     "A800": 312e12,
+    "A30": 165e12,
     "A10G": 70e12,
     "A10": 125e12,
     "A6000": 155e12,
@@ -54,13 +60,16 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     """Table peak of this GPU in bf16, or None when it is not in the table (or not a GPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    normalized = name.upper().replace("NVIDIA ", "")
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    """Table peak of the GPU called `name` (as torch.cuda.get_device_name gives it), or None."""
+    normalized = " ".join(name.upper().replace("NVIDIA ", "").split())
     if "H100" in normalized and ("HBM3" in normalized or "SXM" in normalized):
         return PEAK_BF16_FLOPS["H100 SXM"]
-    # Longest key first so "H100 PCIe" wins over a shorter partial match.
     for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key.upper() in normalized:
+        if re.search(rf"(?<![A-Z0-9]){re.escape(key.upper())}(?![A-Z0-9])", normalized):
             return PEAK_BF16_FLOPS[key]
     return None
 

@@ -1,5 +1,6 @@
 """GPT-2: pre-LayerNorm blocks, causal attention through scaled_dot_product_attention, GELU MLP,
-tied embeddings, vocabulary padded to a multiple of 64.
+tied embeddings, vocabulary padded to a multiple of 64. The training loss goes through the chunked
+linear + cross-entropy of `common.fused_ce` (`--fused_ce`), which never holds the whole logits.
 
 The block's linear layers come from one factory so the FP8 script can swap in TransformerEngine
 modules; embeddings, norms and the tied output head stay plain torch.
@@ -14,11 +15,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.fused_ce import cross_entropy_in_chunks, linear_cross_entropy
+
 LinearFactory = Callable[[int, int, bool], nn.Module]
 
 
 def default_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
     return nn.Linear(in_features, out_features, bias=bias)
+
+
+# Devices where the chunked cross-entropy is on under `--fused_ce auto`: measured faster than the
+# plain path on CPU (docs/BENCHMARKS.md), and on CUDA it removes the largest activation of a step
+# (`make gpu-check` measures both paths on a GPU).
+FUSED_CE_AUTO_DEVICES = ("cpu", "cuda")
 
 
 def padded_vocab(vocab_size: int, multiple: int = 64) -> int:
@@ -35,6 +44,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    fused_ce: str = "auto"  # chunked linear + cross-entropy in training: on | off | auto (where it wins)
 
     @classmethod
     def from_train_config(cls, cfg: object) -> GPTConfig:
@@ -125,19 +135,35 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits over the real vocabulary (padding rows sliced off); loss when targets given."""
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits, loss), each only where a caller uses it:
+
+        - no targets (generation): the last position's logits over the real vocabulary, no loss;
+        - targets, training mode: the loss alone (logits None). Nothing of the (B, T, V) logits
+          outlives the call: a returned tensor would stay alive through backward and into the
+          next micro-step, and the chunked path (`--fused_ce`) never makes them whole;
+        - targets, evaluation mode: the logits over the real vocabulary and the loss.
+        """
         x = self._hidden_states(idx)
         if targets is None:
             # Generation needs only the last position: skip the full (T, vocab) product.
-            logits = self.lm_head(x[:, -1:, :])[..., : self.config.vocab_size]
-            return logits, None
+            return self.lm_head(x[:, -1:, :])[..., : self.config.vocab_size], None
+        if self.training and self.uses_fused_ce(x.device):
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
         # Loss over the padded vocabulary, as nanoGPT does: no copy of the (B, T, V) logits to
         # slice off the padding; the padding ids never occur as targets, so their logits are
         # simply pushed down. cross_entropy runs in fp32 under autocast.
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits[..., : self.config.vocab_size], loss
+        if not torch.is_grad_enabled():  # evaluation: the loss without a second logits-sized tensor
+            loss = cross_entropy_in_chunks(logits, targets)
+        else:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return (None if self.training else logits[..., : self.config.vocab_size]), loss
+
+    def uses_fused_ce(self, device: torch.device) -> bool:
+        """Whether a training forward on `device` takes the chunked linear + cross-entropy."""
+        choice = self.config.fused_ce
+        return choice == "on" or (choice == "auto" and device.type in FUSED_CE_AUTO_DEVICES)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits at every position over the real vocabulary, (B, T, vocab_size): for scoring every

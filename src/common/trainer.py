@@ -703,6 +703,8 @@ class Trainer:
                  ctx.device, self.spec.precision)
         log.info("model: %s parameters (%d layers, %d heads, %d dims), %.3g FLOPs/token (6N + 12*L*H*Q*T, PaLM)",
                  f"{self.raw_model.num_params():,}", cfg.n_layer, cfg.n_head, cfg.n_embd, self.flops_per_token)
+        chunked = getattr(self.raw_model, "uses_fused_ce", lambda device: False)(ctx.device)
+        log.info("loss: %s linear + cross-entropy (--fused_ce %s)", "chunked" if chunked else "plain", cfg.fused_ce)
         log.info("batch: %d tokens/step = %d micro-batches x %d seqs x %d tokens x %d ranks; %d steps "
                  "(%.2f epochs of %s train tokens)", cfg.total_batch_size, self.grad_accum, cfg.batch_size,
                  cfg.block_size, ctx.world_size, self.max_steps,
