@@ -142,9 +142,13 @@ def init_distributed(device_preference: str = "auto", cpu_threads: int = 0, time
         if device.type == "cuda":
             kwargs["device_id"] = device  # binds the group to this GPU, avoids a lazy init hang
         dist.init_process_group(**kwargs)
-        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(
-            seconds=max(CONTROL_TIMEOUT_MIN_S, 12 * timeout_s)))
+        control = dist.new_group(backend="gloo", timeout=control_timeout(timeout_s))
     return DistContext(rank, local_rank, world_size, local_world_size, device, backend, control, timeout_s)
+
+
+def control_timeout(timeout_s: float) -> datetime.timedelta:
+    """Timeout of groups whose collectives wait for one rank's long work (a checkpoint write)."""
+    return datetime.timedelta(seconds=max(CONTROL_TIMEOUT_MIN_S, 12 * timeout_s))
 
 
 def _restart_safe_store(timeout: datetime.timedelta) -> Any:
