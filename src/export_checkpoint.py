@@ -96,9 +96,9 @@ def load_dcp_source(path: Path) -> dict[str, Any]:
             raise UserError(f"{path}: not usable: {why}")
     try:
         ckpt = torch.load(path / DCP_TRAIN_STATE, map_location="cpu", weights_only=True)
-        ckpt["model"] = read_model_state(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
         raise _load_error(path, err) from None
+    ckpt["model"] = read_model_state(path)  # a UserError when the parts do not load
     return ckpt
 
 

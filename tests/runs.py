@@ -66,7 +66,19 @@ def step_losses(log_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(log_dir)[0]}
 
 
+def checkpoint_suffix(parallel: str) -> str:
+    """The checkpoints a run writes: `.pt` files under ddp, `.dcp` directories under fsdp."""
+    return ".dcp" if parallel == "fsdp" else ".pt"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint as one dict: a `.pt` file as saved; a `.dcp` directory's train_state.pt with
+    "model", the full state dict assembled from every rank's part."""
+    if path.is_dir():
+        from common.dcp_checkpoint import read_model_state
+
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        return {**state, "model": read_model_state(path)}
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

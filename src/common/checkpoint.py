@@ -1288,7 +1288,8 @@ def _listing(directory: Path, infos: list[CheckpointInfo], *, verified: bool) ->
     for names in by_file.values():
         for name in names:
             if len(names) > 1:
-                notes[name].append("same file as " + ", ".join(n for n in names if n != name))
+                same = "same files as " if name.endswith(DCP_SUFFIX) else "same file as "
+                notes[name].append(same + ", ".join(n for n in names if n != name))
 
     table = [("NAME", "STEP", "EPOCH", "VAL_LOSS", "WRITTEN", "SIZE", "STATUS", "NOTE")]
     for info in infos:

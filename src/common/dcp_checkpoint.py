@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
@@ -61,6 +61,7 @@ from common.checkpoint import (
     snapshot_state,
 )
 from common.dist import DistContext, all_gather_objects, control_timeout, rank0_decides
+from common.errors import UserError
 from common.fp8 import is_extra_state_key
 from common.fsutil import atomic_write_text, format_bytes, sha256_file
 
@@ -119,6 +120,20 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = loaded
 
 
+def first_failure(err: BaseException) -> BaseException:
+    """What went wrong: DCP raises CheckpointException (a BaseException, not an Exception) holding
+    each failed rank's own exception; the first of those."""
+    if isinstance(err, CheckpointException) and err.failures:
+        return next(iter(err.failures.values()))[0]
+    return err
+
+
+def _unusable(path: str | Path, err: BaseException) -> UserError:
+    cause = first_failure(err)
+    text = " ".join(str(cause).split())[:300]
+    return UserError(f"cannot load checkpoint {path}: {type(cause).__name__}: {text}")
+
+
 def load_dcp_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
     """The model and optimizer state of a DCP checkpoint into `model` (sharded or not) and
     `optimizer`; every rank of the default group takes part. DCP reads each rank's part of every
@@ -132,7 +147,10 @@ def load_dcp_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
     for key in fresh:
         del model_state[key]
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    except (Exception, CheckpointException) as err:  # on every rank: DCP shares a rank's failure
+        raise _unusable(path, err) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(strict=not fresh))
 
@@ -140,15 +158,18 @@ def load_dcp_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
 def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The full model state dict of a DCP checkpoint, read in this process alone (no process group):
     what the exporter and tests use. Every tensor is assembled from the parts of every rank."""
-    reader = SafeFileSystemReader(path)
     prefix = "model."
-    state = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
-             for key, meta in reader.read_metadata().state_dict_metadata.items()
-             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
-    nested = {"model": state}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*load in a single process")
-        dcp.load(nested, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=True)
+    try:
+        metadata = SafeFileSystemReader(path).read_metadata()
+        state = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+                 for key, meta in metadata.state_dict_metadata.items()
+                 if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+        nested = {"model": state}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*load in a single process")
+            dcp.load(nested, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as err:
+        raise _unusable(path, err) from None
     return nested["model"]
 
 
@@ -219,10 +240,10 @@ class DCPCheckpointer(Checkpointer):
         if wait or not self.async_save or "final" in tiers:
             try:
                 dcp.save(weights, checkpoint_id=directory, storage_writer=self._writer, process_group=self.group)
-            except Exception as err:  # DCP raises it on every rank
+            except (Exception, CheckpointException) as err:  # DCP raises it on every rank
                 if self.ctx.is_main:
                     _remove_temps(self.directory, token)
-                raise CheckpointError(self._failure_message(err)) from err
+                raise CheckpointError(self._failure_message(first_failure(err))) from None
             rank0_decides(publish, self.ctx)  # a failure on rank 0 stops every rank alike
             return
         self._upload = dcp.async_save(weights, checkpoint_id=directory, storage_writer=self._writer,
@@ -257,8 +278,8 @@ class DCPCheckpointer(Checkpointer):
     def _upload_result(self, upload: Future) -> None:
         try:
             upload.result()
-        except Exception as err:
-            raise CheckpointError(self._failure_message(err)) from err
+        except (Exception, CheckpointException) as err:
+            raise CheckpointError(self._failure_message(first_failure(err))) from None
 
     def wait(self) -> None:
         """This rank's part: its parts written (and on rank 0 the save published)."""
