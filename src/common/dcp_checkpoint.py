@@ -30,11 +30,13 @@ for, and the save group destroyed (joining gloo's threads), before the process e
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from common.checkpoint import (
@@ -175,12 +178,55 @@ def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- writing
 
+class _ErrnoKeepingFileSystem(FileSystem):
+    """DCP's file system, keeping the OSError of a failed write: torch.save's writer re-raises it
+    as a RuntimeError without the errno ("unexpected pos ..."), where the user should read "No
+    space left on device"."""
+
+    error: OSError | None = None
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        try:
+            with super().create_stream(path, mode) as stream:
+                yield _ErrnoKeepingStream(stream, self) if "w" in mode else stream
+        except OSError as err:  # opening, or the flush at close
+            self.error = err
+            raise
+
+
+class _ErrnoKeepingStream:
+    def __init__(self, stream: Any, fs: _ErrnoKeepingFileSystem) -> None:
+        self._stream, self._fs = stream, fs
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._stream.write(data)
+        except OSError as err:
+            self._fs.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno...: the file's own
+        return getattr(self._stream, name)
+
+
 class _HashingWriter(FileSystemWriter):
     """DCP's file writer that also records the sha256 of the parts this rank wrote (in a
-    DCP_PART_HASHES file beside them), so the manifest needs no rank to read another's part."""
+    DCP_PART_HASHES file beside them), so the manifest needs no rank to read another's part; a
+    failed write raises its OSError."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fs = _ErrnoKeepingFileSystem()
 
     def write_data(self, plan: Any, planner: Any) -> Any:
-        future = super().write_data(plan, planner)  # the parts are written and fsynced on return
+        self.fs.error = None
+        try:
+            future = super().write_data(plan, planner)  # the parts are written and fsynced on return
+        except Exception as exc:
+            if self.fs.error is not None and self.fs.error is not exc:
+                raise self.fs.error from exc
+            raise
         directory = Path(self.path)
         files = sorted({result.storage_data.relative_path for result in future.value()})
         prefix = plan.storage_data.prefix  # "__R_": this rank's parts
