@@ -44,10 +44,11 @@ def _busy_cpu_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def run_process(cmd: Sequence[str], log_file: Path, timeout_s: float = 3600) -> dict[str, Any]:
+def run_process(cmd: Sequence[str], log_file: Path, timeout_s: float = 3600,
+                extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `cmd` to its end, output to `log_file`; raise with the log's tail if it fails."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled", **(extra_env or {}))
     busy_before, launch = _busy_cpu_s(), time.time()
     with log_file.open("w") as out:
         proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -111,7 +112,7 @@ def probe_run(flags: Sequence[str], run_dir: Path, nproc: int) -> dict[str, Any]
     result_file = run_dir / "memory.json"
     process = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", MEMORY_PROBE, *flags, "--bench_json", result_file],
-                          run_dir / "probe.log")
+                          run_dir / "probe.log", extra_env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     raw = json.loads(result_file.read_text())
     ranks = raw["ranks"]
 

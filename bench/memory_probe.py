@@ -8,10 +8,12 @@ trains `--max_steps` steps on random tokens. At the end of the last step -- para
 gradients and AdamW's moments all alive -- each rank counts the bytes of its own parameters,
 gradients and optimizer state (its shards under fsdp; each storage once, so DDP's gradient
 buckets count once). Peak memory, from building the model to the end: on CUDA the allocator's
-peak; on CPU the peak of the bytes held by tensors, summed from the allocations and frees the
-torch profiler records (exact, where the resident set also holds the allocator's and gloo's
-own memory), beside the peak resident set above the one before the model was built. Rank 0
-writes one JSON object with every rank's figures to --bench_json.
+peak; on CPU the peak resident set (VmHWM) above the resident set just before the model was
+built, with glibc told to map every block of 64 KiB or more on its own
+(MALLOC_MMAP_THRESHOLD_=65536, required): a freed tensor then leaves the resident set at once,
+whichever thread frees it (gloo's worker threads free FSDP's communication buffers), instead of
+staying in a malloc arena, and the resident set follows the bytes held. Rank 0 writes one JSON
+object with every rank's figures to --bench_json.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from common.parallel import clip_grad_norm, gradient_sync, local_tensor, wrap_mo
 from common.trainer import gradient_accumulation_steps, resolve_autocast_dtype  # noqa: E402
 
 MB = 1e6
+MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 
 
 def _status_kb(field: str) -> int:
@@ -59,28 +62,16 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return total
 
 
-def peak_tensor_bytes(profiler: torch.profiler.profile) -> int:
-    """The highest total of tensor bytes allocated and not yet freed while `profiler` ran."""
-    events = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for event in events:
-        held += event.nbytes()  # negative for a free
-        peak = max(peak, held)
-    return peak
-
-
 def run(cfg: TrainConfig) -> dict[str, Any]:
     ctx = init_distributed(cfg.device, cfg.cpu_threads, cfg.collective_timeout_s)
     try:
         on_cpu = ctx.device.type == "cpu"
+        if on_cpu and os.environ.get(MMAP_THRESHOLD) != "65536":
+            raise SystemExit(f"set {MMAP_THRESHOLD}=65536 (see the docstring): bench/run_bench.py does")
         baseline_kb = _status_kb("VmRSS") if on_cpu else 0
         if not on_cpu:
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) \
-            if on_cpu else contextlib.nullcontext()
-        with profiler:
-            raw, optimizer = train(cfg, ctx)
+        raw, optimizer = train(cfg, ctx)
         params = list(raw.parameters())
         figures = {
             "rank": ctx.rank,
@@ -91,14 +82,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         }
         figures["state_bytes"] = figures["params_bytes"] + figures["grads_bytes"] + figures["optimizer_bytes"]
         if on_cpu:
-            figures["peak_mb"] = peak_tensor_bytes(profiler) / MB
-            figures["peak_rss_mb"] = (_status_kb("VmHWM") - baseline_kb) * 1024 / MB
+            figures["peak_mb"] = (_status_kb("VmHWM") - baseline_kb) * 1024 / MB
         else:
             figures["peak_mb"] = torch.cuda.max_memory_allocated(ctx.device) / MB
         ranks = all_gather_objects(figures, ctx)
         return {"parallel": cfg.parallel, "device": str(ctx.device), "world_size": ctx.world_size,
                 "params": raw.num_params(non_embedding=False), "ranks": ranks,
-                "peak_kind": "tensor bytes (torch profiler)" if on_cpu else "CUDA allocator"}
+                "peak_kind": "resident set above the one before the model was built" if on_cpu
+                else "CUDA allocator's peak"}
     finally:
         destroy(ctx)
 

@@ -47,7 +47,8 @@ def _trainer(step_s: float, event_s: float) -> dict[str, Any]:
 
 def _probe(state_mb: float, peak_mb: float) -> dict[str, Any]:
     return {"process": _process(900.0), "params": 1_000_000, "world_size": 2, "device": "cpu",
-            "peak_kind": "tensor bytes (torch profiler)", "ranks": [], "state_mb": state_mb, "params_mb": state_mb / 4,
+            "peak_kind": "resident set above the one before the model was built", "ranks": [], "state_mb": state_mb,
+            "params_mb": state_mb / 4,
             "grads_mb": state_mb / 4, "optimizer_mb": state_mb / 2, "peak_mb": peak_mb}
 
 
