@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +133,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def die_at_operation(die_at: int, operations: Sequence[str], work: Callable[[], Callable[[], None]]) -> int:
+    """Run `work()` in a forked child, then the function it returns with the `os` functions named in
+    `operations` trapped: the child dies (os._exit(0), like kill -9) when it is about to make call
+    number `die_at` of them. The child's exit code: 0 died as planned, 3 finished first, 4 raised."""
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+    try:
+        last = work()
+        counter = [0]
+
+        def trap(real: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if counter[0] == die_at:
+                    os._exit(0)
+                counter[0] += 1
+                return real(*args, **kwargs)
+            return wrapper
+
+        for name in operations:
+            setattr(os, name, trap(getattr(os, name)))
+        last()
+        os._exit(3)
+    except BaseException:
+        os._exit(4)

@@ -16,12 +16,13 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from runs import REPO, SRC, env, load_checkpoint, step_losses, train
+from runs import REPO, SRC, die_at_operation, env, load_checkpoint, step_losses, train
 
 from common.checkpoint import (
     BAD_SIDECAR,
@@ -205,33 +206,16 @@ def test_optimizer_hyperparameters_load_weights_only(tmp_path: Path) -> None:
 
 
 def _save_and_die_at_operation(template: Path, directory: Path, die_at: int) -> int:
-    """In a forked child: a copy of `template` (two saves), then a third save that dies (os._exit,
-    like kill -9) at file-system operation number `die_at` (link, replace, rename, unlink, fsync).
-    0: died as planned; 3: the save finished first."""
+    """A copy of `template` (two saves), then a third save that dies at file-system operation
+    number `die_at` (link, replace, rename, unlink, fsync) in a forked child; see die_at_operation."""
     shutil.copytree(template, directory, copy_function=os.link)  # the names of a save share files too
     model, optimizer = trained(seed=9, steps=1)
-    pid = os.fork()
-    if pid:
-        _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status)
-    try:
+
+    def work() -> Callable[[], None]:
         ck = checkpointer(directory, keep_rolling=1)
-        counter = [0]
+        return lambda: dcp_save(ck, model, optimizer, 3, {"latest", "rolling", "best"})
 
-        def trap(real):  # noqa: ANN001, ANN202
-            def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                if counter[0] == die_at:
-                    os._exit(0)
-                counter[0] += 1
-                return real(*args, **kwargs)
-            return wrapper
-
-        for name in ("link", "replace", "rename", "unlink", "fsync"):
-            setattr(os, name, trap(getattr(os, name)))
-        dcp_save(ck, model, optimizer, 3, {"latest", "rolling", "best"})
-        os._exit(3)
-    except BaseException:
-        os._exit(4)
+    return die_at_operation(die_at, ("link", "replace", "rename", "unlink", "fsync"), work)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -177,7 +177,7 @@ def _remove(path: Path) -> None:
     """Delete a checkpoint's data: a file, or a directory renamed aside first so its name goes at
     once (the leftover is a temporary name, removed by `prepare()` if this is cut short)."""
     if path.is_dir() and not path.is_symlink():
-        aside = path.with_name(f"{TMP_PREFIX}{_new_token()}.old-{path.name}")
+        aside = path.with_name(f"{TMP_PREFIX}{new_token()}.old-{path.name}")
         os.replace(path, aside)
         shutil.rmtree(aside, ignore_errors=True)
     else:
@@ -625,12 +625,12 @@ def _find_os_error(exc: BaseException | None) -> OSError | None:
     return None
 
 
-def _new_token() -> str:
+def new_token() -> str:
     """Unique part of one save's temporary names: `TMP_PREFIX + token + ...`."""
     return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def _write_data(state: dict, path: Path) -> tuple[int, str]:
+def write_state(state: dict, path: Path) -> tuple[int, str]:
     """Protocol step 1: `torch.save` into the new file `path`, fsynced; (size, sha256) of its bytes."""
     import torch
 
@@ -648,7 +648,7 @@ def _write_data(state: dict, path: Path) -> tuple[int, str]:
     return writer.size, writer.hexdigest()
 
 
-def _sidecar_record(
+def sidecar_record(
     file: str | None, state: Any, *, step: int | None, epoch: int | None, val_loss: float | None, size: int,
     sha256: str, saved_as: list[str] | None = None,
 ) -> dict:
@@ -698,7 +698,8 @@ def _publish(target: Path, record: dict, token: str, stage: Callable[[], Path]) 
     atomic_write_bytes(side, data, tmp_name=f"{TMP_PREFIX}{token}.json-{target.name}")
 
 
-def _remove_temps(directory: Path, token: str) -> None:
+def remove_temps(directory: Path, token: str) -> None:
+    """Remove what the save `token` left: temporary files, and a DCP save's temporary directories."""
     try:
         for entry in directory.glob(f"{TMP_PREFIX}{token}*"):
             if entry.is_dir() and not entry.is_symlink():
@@ -744,14 +745,14 @@ def write_checkpoint(state: dict, path: Path, *, step: int | None, epoch: int | 
     it describes that file.
     """
     path = Path(path)
-    token = _new_token()
+    token = new_token()
     data_tmp = path.parent / f"{TMP_PREFIX}{token}.data"
     try:
-        size, sha = _write_data(state, data_tmp)
-        record = _sidecar_record(path.name, state, step=step, epoch=epoch, val_loss=val_loss, size=size, sha256=sha)
+        size, sha = write_state(state, data_tmp)
+        record = sidecar_record(path.name, state, step=step, epoch=epoch, val_loss=val_loss, size=size, sha256=sha)
         _publish(path, record, token, lambda: data_tmp)
     except BaseException:
-        _remove_temps(path.parent, token)
+        remove_temps(path.parent, token)
         raise
     return record
 
@@ -976,18 +977,18 @@ class Checkpointer:
 
     def _write(self, state: dict, names: list[str], step: int, epoch: int, val_loss: float | None) -> None:
         started = time.perf_counter()
-        token = _new_token()
+        token = new_token()
         data_tmp = self.directory / f"{TMP_PREFIX}{token}.data"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            size, sha = _write_data(state, data_tmp)
-            record = _sidecar_record(
+            size, sha = write_state(state, data_tmp)
+            record = sidecar_record(
                 None, state, step=step, epoch=epoch, val_loss=val_loss, size=size, sha256=sha, saved_as=names,
             )
             for name in names:
                 self._publish(data_tmp, name, token, dict(record, file=name))
         except BaseException as exc:
-            _remove_temps(self.directory, token)
+            remove_temps(self.directory, token)
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not ours to convert
                 raise
             raise CheckpointError(self._failure_message(exc)) from exc

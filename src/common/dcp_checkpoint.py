@@ -56,12 +56,12 @@ from common.checkpoint import (
     TMP_PREFIX,
     Checkpointer,
     CheckpointError,
-    _new_token,
-    _remove_temps,
-    _sidecar_record,
-    _write_data,
+    new_token,
+    remove_temps,
     seal_dcp_directory,
+    sidecar_record,
     snapshot_state,
+    write_state,
 )
 from common.dist import DistContext, all_gather_objects, control_timeout, rank0_decides
 from common.errors import UserError
@@ -288,7 +288,7 @@ class DCPCheckpointer(Checkpointer):
                 dcp.save(weights, checkpoint_id=directory, storage_writer=self._writer, process_group=self.group)
             except (Exception, CheckpointException) as err:  # DCP raises it on every rank
                 if self.ctx.is_main:
-                    _remove_temps(self.directory, token)
+                    remove_temps(self.directory, token)
                 raise CheckpointError(self._failure_message(first_failure(err))) from None
             rank0_decides(publish, self.ctx)  # a failure on rank 0 stops every rank alike
             return
@@ -303,7 +303,7 @@ class DCPCheckpointer(Checkpointer):
         """Collective: the previous save is complete on every rank (else CheckpointError on every
         rank, with the first rank's reason); the new save's token, rank 0's."""
         error = self._settle_locally()
-        outcomes = all_gather_objects((error, _new_token()), self.ctx)
+        outcomes = all_gather_objects((error, new_token()), self.ctx)
         errors = [e for e, _ in outcomes if e]
         if errors:
             raise CheckpointError(errors[0])
@@ -353,20 +353,20 @@ class DCPCheckpointer(Checkpointer):
         assert train_state is not None
         started = time.perf_counter()
         try:
-            _write_data(train_state, directory / DCP_TRAIN_STATE)
+            write_state(train_state, directory / DCP_TRAIN_STATE)
             sizes, manifest_sha = seal_dcp_directory(directory)
             size = sum(sizes.values())
-            record = _sidecar_record(None, train_state, step=step, epoch=epoch, val_loss=val_loss, size=size,
+            record = sidecar_record(None, train_state, step=step, epoch=epoch, val_loss=val_loss, size=size,
                                      sha256=manifest_sha, saved_as=names)
             record.update({"format": "dcp", "files": sizes})
             for name in names:
                 self._publish(directory, name, token, dict(record, file=name))
         except BaseException as exc:
-            _remove_temps(self.directory, token)
+            remove_temps(self.directory, token)
             if not isinstance(exc, Exception):
                 raise
             raise CheckpointError(self._failure_message(exc)) from exc
-        _remove_temps(self.directory, token)  # the save's own directory: the names hold their links
+        remove_temps(self.directory, token)  # the save's own directory: the names hold their links
         try:
             self._rotate(set(names))
         except OSError as err:
