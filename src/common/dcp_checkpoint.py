@@ -72,6 +72,10 @@ log = logging.getLogger(__name__)
 
 WEIGHT_KEYS = ("model", "optimizer")
 
+# DCP warns at every save and load without a process group that it assumes a single process:
+# here that is always the intent (one process, or the exporter).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 
 # ----------------------------------------------------------------------------- reading safely
 
@@ -168,9 +172,7 @@ def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
                  for key, meta in metadata.state_dict_metadata.items()
                  if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
         nested = {"model": state}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.filterwarnings("ignore", message=".*load in a single process")
-            dcp.load(nested, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=True)
+        dcp.load(nested, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as err:
         raise _unusable(path, err) from None
     return nested["model"]
