@@ -22,11 +22,8 @@ sharded or not, loads into any world size and either mode (`load_dcp_weights`). 
 metadata in a pickle; it is read by an unpickler that builds DCP's own metadata classes and
 nothing else, and non-tensor values load with `torch.load(weights_only=True)`.
 
-Teardown: gloo finishes a collective's bookkeeping on its own worker thread after the caller
-has its result. If the interpreter exits while that thread still holds tensors of the last
-collective (DCP's closing broadcast), the thread needs the GIL of a finalizing interpreter and
-the process aborts ("terminate called without an active exception"). So every save is waited
-for, and the save group destroyed (joining gloo's threads), before the process ends: `close()`.
+At the end of a run `close()` waits for the save in flight; the save group goes with the others
+in common.dist.destroy (which also explains the abort at exit a bare DCP script can meet).
 """
 from __future__ import annotations
 
@@ -375,13 +372,3 @@ class DCPCheckpointer(Checkpointer):
             log.warning("could not rotate old checkpoints in %s: %s", self.directory, err.strerror or err)
         log.info("saved checkpoint step %d as %s (%s in %d files, %.2f s after its parts)", step, ", ".join(names),
                  format_bytes(size), len(sizes), time.perf_counter() - started)
-
-    def close(self) -> None:
-        """Wait for the in-flight save, then destroy the save group, joining gloo's threads (see
-        the module docstring). Every rank, before the default group is destroyed."""
-        try:
-            self.wait()
-        finally:
-            if self.group is not None and dist.is_initialized():
-                dist.destroy_process_group(self.group)
-            self.group = None
