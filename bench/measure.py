@@ -26,6 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "src" / "train_improved.py"
 BARE_LOOP = REPO / "bench" / "bare_loop.py"
+MEMORY_PROBE = REPO / "bench" / "memory_probe.py"
 MB = 1e6  # every size in the bench is in MB of 10^6 bytes
 
 
@@ -53,10 +54,11 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_process(cmd: Sequence[str], log_file: Path, timeout_s: float = 3600) -> dict[str, Any]:
+def run_process(cmd: Sequence[str], log_file: Path, timeout_s: float = 3600,
+                extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `cmd` to its end, output to `log_file`; raise with the log's tail if it fails."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = child_env()
+    env = {**child_env(), **(extra_env or {})}
     busy_before, launch = _busy_cpu_s(), time.time()
     with log_file.open("w") as out:
         proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -111,6 +113,27 @@ def bare_run(flags: Sequence[str], warmup: int, run_dir: Path, peak_n: int, load
         "peak_flops": statistics.median(raw["peak_flops"]),
         "cuda_peak_allocated_mb": raw["cuda_peak_allocated_mb"],
     }
+
+
+# --------------------------------------------------------------------------- memory per rank
+
+def probe_run(flags: Sequence[str], run_dir: Path, nproc: int) -> dict[str, Any]:
+    """bench/memory_probe.py under torchrun: the medians over ranks of each rank's bytes of
+    parameters, gradients and optimizer state and its peak memory, in MB."""
+    result_file = run_dir / "memory.json"
+    process = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", MEMORY_PROBE, *flags, "--bench_json", result_file],
+                          run_dir / "probe.log", extra_env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    raw = json.loads(result_file.read_text())
+    ranks = raw["ranks"]
+
+    def per_rank(key: str) -> float:
+        return statistics.median(r[key] for r in ranks) / (MB if key.endswith("_bytes") else 1)
+
+    return {"process": process, "params": raw["params"], "world_size": raw["world_size"], "device": raw["device"],
+            "peak_kind": raw["peak_kind"], "ranks": ranks,
+            **{f"{key}_mb": per_rank(f"{key}_bytes") for key in ("state", "params", "grads", "optimizer")},
+            "peak_mb": per_rank("peak_mb")}
 
 
 # --------------------------------------------------------------------------- the trainer

@@ -214,6 +214,27 @@ Largest micro-batch within the budget: {largest}.
 """
 
 
+def _parallel_memory(r: Results) -> str:
+    x = r["parallel_memory"]
+    rows = [[label, *(med(x[f"{side}_{key}"], 1) for key in ("params_mb", "grads_mb", "optimizer_mb", "state_mb",
+                                                             "peak_mb"))]
+            for label, side in (("ddp", "ddp"), ("fsdp", "fsdp"))]
+    rows.append(["fsdp / ddp", "", "", "", f"**{med(x['state_ratio'], 2)}**", f"**{med(x['peak_ratio'], 2)}**"])
+    return f"""\
+`bench/memory_probe.py` under torchrun with {x['world_size']} ranks on {x['device']}, `--parallel ddp` and `fsdp`
+alternated: the trainer's model, wrapping, optimizer and step (`common.parallel`), {num(x['params'])}
+parameters (`{' '.join(x['flags'])}`), random tokens. At the end of the last step each rank counts the
+bytes of its parameters, gradients and AdamW state (its shards under fsdp); peak:
+{x['peak_kind']}, from building the model to the end. MB per rank, the median over ranks:
+
+{table(["", "parameters", "gradients", "optimizer", "sum", "peak"], rows)}
+The sum halves (docs/SCALING.md: 16 bytes per parameter under ddp, 16/W under fsdp); the peak
+also holds what fsdp gathers for the block at work and the one prefetched (parameters and their
+unsharded gradients), the root's embedding and head, and the activations: a share that falls as
+the model gets deeper and wider.
+"""
+
+
 def _targets(r: Results) -> str:
     return table(["target", "this run", ""], [[t["target"], num(t["value"], 2), "met" if t["met"] else "**missed**"]
                                               for t in r["targets"]])
@@ -230,6 +251,7 @@ SECTIONS: tuple[tuple[str, Callable[[Results], str]], ...] = (
     ("## 7. Cross-entropy: chunked against plain", _cross_entropy),
     ("## 8. Micro-batch within a memory budget", _budget),
     ("## 9. AdamW: fused against foreach", _adamw),
+    ("## 10. Memory per rank, ddp against fsdp", _parallel_memory),
     ("## Targets", _targets),
 )
 def render(r: Results) -> str:

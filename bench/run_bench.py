@@ -10,8 +10,9 @@ trainer overhead against the bare loop (at the bench's evaluation and checkpoint
 the presets'), MFU against a measured matmul peak, data loader throughput, checkpoint stall async
 against sync, launch to first step fresh against resumed, peak memory; then the bare loop with one
 setting changed: cross-entropy chunked against plain (tokens/s, peak memory, and the largest
-micro-batch within a memory budget) and AdamW fused against foreach. `--quick` runs them all in
-reduced size (two to three minutes on 2 CPU cores; the full run 15 to 20).
+micro-batch within a memory budget) and AdamW fused against foreach; and per-rank memory of
+`--parallel ddp` against `fsdp` at 2 ranks on the same model. `--quick` runs them all in reduced
+size (three to four minutes on 2 CPU cores; the full run 15 to 20).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from measure import REPO, spread
 PRESET_FREQ = 250  # eval_freq and checkpoint_freq of configs/base.json, which the presets extend
 OVERHEAD_TARGET_PCT = 2.0
 LOADER_SHARE_TARGET_PCT = 1.0
+FSDP_MEMORY_TARGET = 0.55  # fsdp's per-rank memory over ddp's, at 2 ranks (issue 13)
 # One thread per process in --quick: with two or more, every parallel region waits for its slowest
 # thread, and on a machine that others load, a descheduled thread stalls a short step many times over.
 QUICK_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--batch_size", "2",
@@ -52,6 +54,10 @@ MODES: dict[str, dict[str, Any]] = {
                               ("~25M", ["--n_layer", "4", "--n_head", "6", "--n_embd", "384", *SMALL_BATCH])],
         "checkpoint_steps": 32, "checkpoint_freq": 10, "checkpoint_repeats": 2, "prepare_tokens": 3_000_000,
         "variant_steps": 20, "budget_mb": 1500, "budget_max_batch": 256,
+        # Blocks dominate its parameters (a small vocabulary: the probe trains on random tokens).
+        "memory_model": ["--n_layer", "16", "--n_head", "8", "--n_embd", "512", "--vocab_size", "8192",
+                         "--block_size", "64", "--batch_size", "1", "--total_batch_size", "128"],
+        "memory_steps": 3, "memory_repeats": 2,
     },
     "quick": {
         "model": QUICK_MODEL, "steps": 16, "warmup": 2, "event_freq": 7, "repeats": 2, "resume_steps": 2,
@@ -59,6 +65,9 @@ MODES: dict[str, dict[str, Any]] = {
         "checkpoint_models": [("the overhead model", [])],
         "checkpoint_steps": 8, "checkpoint_freq": 3, "checkpoint_repeats": 2, "prepare_tokens": 1_000_000,
         "variant_steps": 8, "budget_mb": 700, "budget_max_batch": 32,
+        "memory_model": ["--n_layer", "4", "--n_head", "4", "--n_embd", "256", "--vocab_size", "4096",
+                         "--block_size", "32", "--batch_size", "1", "--total_batch_size", "64"],
+        "memory_steps": 2, "memory_repeats": 2,
     },
 }
 
@@ -243,10 +252,38 @@ def summarize_budget(tried: list[dict[str, Any]], budget: float) -> dict[str, An
             "capped": tried[-1]["peak_mb"] <= budget}
 
 
+def parallel_memory_section(mode: dict[str, Any], work: Path) -> dict[str, Any]:
+    """bench/memory_probe.py under torchrun at 2 ranks, --parallel ddp and fsdp alternated."""
+    flags = [*mode["memory_model"], "--max_steps", str(mode["memory_steps"])]
+
+    def side(parallel: str) -> Any:
+        return lambda i: measure.probe_run([*flags, "--parallel", parallel], work / f"{parallel}_{i}", nproc=2)
+
+    rounds = measure.alternate([("ddp", side("ddp")), ("fsdp", side("fsdp"))], mode["memory_repeats"])
+    return summarize_parallel_memory(flags, rounds)
+
+
+def summarize_parallel_memory(flags: list[str], rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    def ratio(key: str) -> dict[str, float]:
+        return spread([r["fsdp"][key] / r["ddp"][key] for r in rounds])
+
+    first = rounds[0]["ddp"]
+    return {"flags": flags, "params": first["params"], "world_size": first["world_size"],
+            "device": first["device"], "peak_kind": first["peak_kind"], "rounds": rounds,
+            **{f"{side}_{key}": spread([r[side][key] for r in rounds])
+               for side in ("ddp", "fsdp") for key in ("state_mb", "params_mb", "grads_mb", "optimizer_mb", "peak_mb")},
+            "state_ratio": ratio("state_mb"), "peak_ratio": ratio("peak_mb")}
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ov = results["overhead"]
     share = results["loader"]["share_of_step_pct"]["median"]
+    pm = results["parallel_memory"]
     return [
+        {"target": f"fsdp parameters + gradients + optimizer state per rank <= {FSDP_MEMORY_TARGET:g}x ddp's",
+         "value": pm["state_ratio"]["median"], "met": pm["state_ratio"]["median"] <= FSDP_MEMORY_TARGET},
+        {"target": f"fsdp peak memory per rank <= {FSDP_MEMORY_TARGET:g}x ddp's",
+         "value": pm["peak_ratio"]["median"], "met": pm["peak_ratio"]["median"] <= FSDP_MEMORY_TARGET},
         {"target": f"trainer overhead <= {OVERHEAD_TARGET_PCT:g}%, events every {ov['event_freq']} steps",
          "value": ov["overhead_pct"]["median"], "met": ov["overhead_pct"]["median"] <= OVERHEAD_TARGET_PCT},
         {"target": f"trainer overhead <= {OVERHEAD_TARGET_PCT:g}%, events every {ov['preset_freq']} steps",
@@ -371,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         results["memory_budget"] = budget_section(mode, model_flags, block_size(model_flags), work / "budget")
         say("9. AdamW: fused against foreach, alternated")
         results["adamw"] = variant_section("adamw", mode, model_flags, work / "variants")
+        say("10. memory per rank: --parallel ddp against fsdp at 2 ranks, alternated")
+        results["parallel_memory"] = parallel_memory_section(mode, work / "parallel_memory")
+        say(f"   fsdp / ddp: state {results['parallel_memory']['state_ratio']['median']:.2f}, "
+            f"peak {results['parallel_memory']['peak_ratio']['median']:.2f}")
         bare, loads = ov["rounds"][0]["bare"], list(_other_loads(results))
         results["machine"].update(device=bare["device"], torch=bare["torch"], load_average_end=list(os.getloadavg()),
                                   other_load_cores=spread(loads) if loads else None)

@@ -3,10 +3,11 @@
 #
 #   shell/list_checkpoints.sh [DIR] [--verify]
 #
-# DIR defaults to <repo>/checkpoints. Reads NAME.json next to each NAME.pt with the Python
-# standard library only (no torch), so it is fast on a directory of large files. A file whose
-# size differs from its sidecar's, a missing or unreadable sidecar, or (with --verify, which
-# reads every file) a sha256 mismatch is flagged. Exit status: 0 all valid, 1 problems found,
+# DIR defaults to <repo>/checkpoints. Reads NAME.json next to each NAME.pt (NAME.dcp.json next to
+# each sharded NAME.dcp directory of an fsdp run) with the Python standard library only (no
+# torch), so it is fast on a directory of large files. A file whose size differs from its
+# sidecar's, a missing part, a missing or unreadable sidecar, or (with --verify, which reads
+# every file) a sha256 mismatch is flagged. Exit status: 0 all valid, 1 problems found,
 # 2 bad arguments or no such directory. Runs `python3 -m common.checkpoint` from src/.
 set -euo pipefail
 
@@ -23,7 +24,7 @@ DIR=""
 VERIFY=0
 for arg in "$@"; do
     case "$arg" in
-        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --verify) VERIFY=1 ;;
         -*) die "unknown option $arg (usage: $PROG [DIR] [--verify])" ;;
         *) [ -z "$DIR" ] || die "one directory at a time (usage: $PROG [DIR] [--verify])"; DIR="$arg" ;;

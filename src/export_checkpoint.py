@@ -1,18 +1,25 @@
-"""Export a checkpoint of either trainer: to the plain model's format, or as a Hugging Face GPT-2.
+"""Export a checkpoint of either trainer -- a `.pt` file (FP8-trained or not) or a sharded `.dcp`
+directory of an fsdp run -- to one `.pt` file of the plain model's format (the one way to get
+weights out), or as a Hugging Face GPT-2.
 
     python src/export_checkpoint.py checkpoints_fp8/best.pt checkpoints/from_fp8.pt
+    python src/export_checkpoint.py checkpoints/latest.dcp weights.pt
     python src/export_checkpoint.py checkpoints/best.pt hf/my_gpt --format hf
 
-The plain output holds the weights as the ordinary GPT names them (TransformerEngine's FP8 scaling
-state dropped, DDP / torch.compile prefixes stripped, float32), the run's config without the FP8
-fields, the step, epoch and validation loss, and a `meta` naming the source file and its
-precision. It holds no optimizer state: training from it starts a fresh optimizer. Beside OUT.pt
-an OUT.json sidecar (common/checkpoint.py's format) repeats step, epoch, val_loss, meta, sha256
-and size. Both files are written atomically; an existing OUT is kept unless --force is given.
+A DCP directory is validated against its sidecar (every part's sha256) when it has one, and its
+tensors assembled from every rank's part in this one process (no torchrun; memory for the
+model's weights only: the optimizer state is not read). The plain output holds the weights as
+the ordinary GPT names them (TransformerEngine's FP8 scaling state dropped, DDP / torch.compile
+prefixes stripped, float32), the run's config without the FP8 fields, the step, epoch and
+validation loss, and a `meta` naming the source and its precision (for a DCP source, `sha256`
+is its manifest's). It holds no optimizer state: training from it starts a fresh optimizer.
+Beside OUT.pt an OUT.json sidecar (common/checkpoint.py's format) repeats step, epoch, val_loss,
+meta, sha256 and size. Both files are written atomically; an existing OUT is kept unless
+--force is given.
 
 `--format hf` writes a directory that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads
-(config.json, model.safetensors, and the tokenizer files of the run's tiktoken encoding, made
-offline; common/hf.py). It is written beside DEST and renamed into place when complete.
+(config.json, model.safetensors, and the tokenizer files of the run's dataset, made offline;
+common/hf.py). It is written beside DEST and renamed into place when complete.
 """
 from __future__ import annotations
 
@@ -29,8 +36,8 @@ from typing import Any
 
 import torch
 
+from common.checkpoint import DCP_MANIFEST, DCP_TRAIN_STATE, is_dcp, sidecar_path, validate_checkpoint, write_checkpoint
 from common.checkpoint import sha256_file as sha256_of
-from common.checkpoint import write_checkpoint
 from common.data import DatasetIndex
 from common.errors import UserError, run_cli
 from common.fp8 import is_extra_state_key
@@ -51,9 +58,9 @@ NO_OPTIMIZER_NOTE = "weights only: no optimizer state; training from this file s
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="export_checkpoint.py",
-        description="Convert a checkpoint (either trainer's) into one the plain model loads, or a Hugging Face "
-                    "GPT-2 directory.")
-    parser.add_argument("source", type=Path, help="checkpoint (.pt)")
+        description="Convert a checkpoint (either trainer's .pt, or a .dcp directory) into one .pt file the plain "
+                    "model loads, or a Hugging Face GPT-2 directory.")
+    parser.add_argument("source", type=Path, help="checkpoint: a .pt file or a .dcp directory")
     parser.add_argument("dest", type=Path, help="where to write: OUT.pt, or a directory with --format hf")
     parser.add_argument("--format", choices=("pt", "hf"), default="pt",
                         help="pt: the plain model's checkpoint; hf: a transformers GPT2LMHeadModel directory")
@@ -79,6 +86,8 @@ def _load_error(path: Path, err: Exception) -> UserError:
 
 
 def load_source(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        return load_dcp_source(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
     try:
@@ -89,6 +98,29 @@ def load_source(path: Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path}: not a training checkpoint (expected a dict with a 'model' state dict)")
     return ckpt
+
+
+def load_dcp_source(path: Path) -> dict[str, Any]:
+    """A DCP checkpoint as a `.pt` checkpoint's dict: its train_state.pt with the full "model"."""
+    from common.dcp_checkpoint import read_model_state
+
+    if not is_dcp(path):
+        raise UserError(f"{path}: a directory but not a DCP checkpoint (no {DCP_TRAIN_STATE} and .metadata)")
+    if sidecar_path(path).exists():
+        ok, why = validate_checkpoint(path, full=True)
+        if not ok:
+            raise UserError(f"{path}: not usable: {why}")
+    try:
+        ckpt = torch.load(path / DCP_TRAIN_STATE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
+        raise _load_error(path, err) from None
+    ckpt["model"] = read_model_state(path)  # a UserError when the parts do not load
+    return ckpt
+
+
+def source_digest(path: Path) -> str:
+    """The sha256 that identifies a source: the file's, or a DCP directory's manifest's."""
+    return sha256_of(path / DCP_MANIFEST if path.is_dir() else path)
 
 
 def plain_config(config: Any) -> Any:
@@ -280,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     if dest.exists() and not args.force:
         raise UserError(f"{dest} already exists; choose another name or pass --force to replace it")
     ckpt = load_source(source)
-    exported = build_export(ckpt, source, sha256_of(source))
+    exported = build_export(ckpt, source, source_digest(source))
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         sidecar = write_checkpoint(exported, dest, step=exported.get("step"), epoch=exported.get("epoch"),

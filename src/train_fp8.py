@@ -25,6 +25,7 @@ from common.fp8 import (
     amax_reduction_group,
     build_recipe,
     check_fp8_shapes,
+    check_parallel,
     load_model_state,
     plan_precision,
 )
@@ -37,6 +38,7 @@ log = logging.getLogger("train_fp8")
 def fp8_model_spec(cfg: FP8TrainConfig, ctx: DistContext) -> ModelSpec:
     plain = plain_model_spec(cfg, ctx)
     plan = plan_precision(cfg, ctx.device, plain.precision)  # exits 2 here under --require_fp8 without FP8
+    check_parallel(plan, cfg.parallel)  # before any model is built
     (log.warning if plan.fallback else log.info)("precision: %s", plan.reason)
     if not plan.use_fp8:
         # A checkpoint of an FP8 run resumes here too: its TE scaling state is dropped.

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,19 @@ def tensorboard_events(log_dir: Path, run: str = "logs") -> EventAccumulator:
     return events
 
 
+def checkpoint_suffix(parallel: str) -> str:
+    """The checkpoints a run writes: `.pt` files under ddp, `.dcp` directories under fsdp."""
+    return ".dcp" if parallel == "fsdp" else ".pt"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint as one dict: a `.pt` file as saved; a `.dcp` directory's train_state.pt with
+    "model", the full state dict assembled from every rank's part."""
+    if path.is_dir():
+        from common.dcp_checkpoint import read_model_state
+
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        return {**state, "model": read_model_state(path)}
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -143,3 +155,31 @@ def stop_at_step(cmd: Sequence[str], log_dir: Path, step: int, sig: signal.Signa
         return stderr
     finally:
         kill_tree(proc)
+
+
+def die_at_operation(die_at: int, operations: Sequence[str], work: Callable[[], Callable[[], None]]) -> int:
+    """Run `work()` in a forked child, then the function it returns with the `os` functions named in
+    `operations` trapped: the child dies (os._exit(0), like kill -9) when it is about to make call
+    number `die_at` of them. The child's exit code: 0 died as planned, 3 finished first, 4 raised."""
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+    try:
+        last = work()
+        counter = [0]
+
+        def trap(real: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if counter[0] == die_at:
+                    os._exit(0)
+                counter[0] += 1
+                return real(*args, **kwargs)
+            return wrapper
+
+        for name in operations:
+            setattr(os, name, trap(getattr(os, name)))
+        last()
+        os._exit(3)
+    except BaseException:
+        os._exit(4)

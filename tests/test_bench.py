@@ -46,6 +46,13 @@ def _trainer(step_s: float, event_s: float) -> dict[str, Any]:
             "first_step_s": 0.2, "startup_s": 4.0, "cuda_peak_allocated_mb": None, "checkpoint_mb": 19.5}
 
 
+def _probe(state_mb: float, peak_mb: float) -> dict[str, Any]:
+    return {"process": _process(900.0), "params": 1_000_000, "world_size": 2, "device": "cpu",
+            "peak_kind": "resident set above the one before the model was built", "ranks": [], "state_mb": state_mb,
+            "params_mb": state_mb / 4,
+            "grads_mb": state_mb / 4, "optimizer_mb": state_mb / 2, "peak_mb": peak_mb}
+
+
 def canned_results(rounds: list[dict[str, Any]] | None = None, mode: dict[str, Any] = MODE) -> dict[str, Any]:
     """Results as run_bench.main assembles them, from canned (or given) processes' figures."""
     if rounds is None:
@@ -65,6 +72,8 @@ def canned_results(rounds: list[dict[str, Any]] | None = None, mode: dict[str, A
         "data": {"dir": "data/stdlib", "train_tokens": 1_000_000, "prepared_now": False},
         "overhead": ov, **run_bench.derived_sections(ov, mode),
         "checkpoints": [run_bench.summarize_checkpoints("the overhead model", [], 3, ckpt_rounds)],
+        "parallel_memory": run_bench.summarize_parallel_memory(
+            ["--n_layer", "2"], [{"order": "ddp fsdp", "ddp": _probe(16.0, 20.0), "fsdp": _probe(8.0, 12.0)}]),
     }
     results["cross_entropy"] = run_bench.summarize_variant("cross_entropy", [
         {"order": "chunked plain", "chunked": _bare(0.08), "plain": {**_bare(0.10), "process": _process(900.0)}}])
@@ -82,7 +91,8 @@ def canned_results(rounds: list[dict[str, Any]] | None = None, mode: dict[str, A
 # The sections docs/BENCHMARKS.md must have, in order (issues 11 and 16).
 HEADINGS = ("## How it was run", "## 1. Trainer overhead", "## 2. MFU", "## 3. Data loader", "## 4. Checkpoint stall",
             "## 5. Launch to first step", "## 6. Peak memory", "## 7. Cross-entropy: chunked against plain",
-            "## 8. Micro-batch within a memory budget", "## 9. AdamW: fused against foreach", "## Targets")
+            "## 8. Micro-batch within a memory budget", "## 9. AdamW: fused against foreach",
+            "## 10. Memory per rank, ddp against fsdp", "## Targets")
 
 
 def check_report(text: str) -> None:
@@ -124,6 +134,10 @@ def test_report_has_every_section_and_rejects_malformed_figures() -> None:
     ov = results["overhead"]
     assert ov["preset_overhead_pct"]["median"] < ov["overhead_pct"]["median"]
     assert ov["overhead_pct"]["median"] == pytest.approx(ov["end_to_end_pct"]["median"])  # canned: no noise
+    assert "| fsdp / ddp |  |  |  | **0.50 (0.50..0.50)** | **0.60 (0.60..0.60)** |" in text
+    targets = {t["target"]: t["met"] for t in results["targets"]}
+    assert targets["fsdp parameters + gradients + optimizer state per rank <= 0.55x ddp's"] is True
+    assert targets["fsdp peak memory per rank <= 0.55x ddp's"] is False
 
     broken = copy.deepcopy(results)
     broken["checkpoints"][0]["sync_stall_s"]["median"] = math.nan
@@ -206,3 +220,19 @@ def test_a_trainer_run_without_its_text_samples_is_not_measured(monkeypatch: pyt
              "--max_steps", "2", "--eval_freq", "2", "--eval_batches", "1", "--sample_tokens", "2"]
     with pytest.raises(RuntimeError, match="without its text samples.*cannot load tokenizer"):
         measure.trainer_run(flags, tmp_path / "run", "fresh")
+
+
+@pytest.mark.slow
+def test_memory_per_rank_of_ddp_and_fsdp_at_two_ranks(tmp_path: Path) -> None:
+    """bench/memory_probe.py under real torchrun: fsdp holds half of ddp's parameters, gradients and
+    optimizer state per rank (byte counts, not speeds: exact up to AdamW's replicated step counts)."""
+    mode = {"memory_model": ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--vocab_size", "512",
+                             "--block_size", "16", "--batch_size", "1", "--total_batch_size", "32"],
+            "memory_steps": 1, "memory_repeats": 1}
+    section = run_bench.parallel_memory_section(mode, tmp_path)
+    (r,) = section["rounds"]
+    assert r["ddp"]["params"] == r["fsdp"]["params"] and r["ddp"]["world_size"] == 2
+    for side in ("ddp", "fsdp"):
+        assert r[side]["state_mb"] == pytest.approx(r[side]["params_mb"] * 4, rel=1e-3)  # grads 1x, AdamW 2x
+        assert r[side]["peak_mb"] >= r[side]["state_mb"]
+    assert section["state_ratio"]["median"] == pytest.approx(0.5, abs=0.01)

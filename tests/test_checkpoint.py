@@ -18,12 +18,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
-from runs import env
+from runs import die_at_operation, env
 
 from common.checkpoint import (
     NO_SIDECAR,
@@ -615,30 +616,13 @@ def _save_and_die_at_operation(directory: Path, die_at: int) -> int:
     """In a forked child: 3 saves, then a 4th that dies (os._exit, like kill -9) at file-system
     operation number `die_at` (os.link/replace/unlink/fsync). Returns the child's exit code:
     0 = died as planned, 3 = the save finished before reaching that operation."""
-    pid = os.fork()
-    if pid:
-        _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status)
-    try:
+    def work() -> Callable[[], None]:
         ck = Checkpointer(directory, keep_rolling=3, keep_epoch=1)
         for step in (1, 2, 3):
             save(ck, step, {"latest", "rolling", "epoch"}, epoch=step, val_loss=1.0 / step)
-        counter = [0]
+        return lambda: save(ck, 4, {"latest", "rolling", "epoch", "best"}, epoch=4, val_loss=0.1)
 
-        def trap(real):  # noqa: ANN001, ANN202
-            def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                if counter[0] == die_at:
-                    os._exit(0)
-                counter[0] += 1
-                return real(*args, **kwargs)
-            return wrapper
-
-        for name in ("link", "replace", "unlink", "fsync"):
-            setattr(os, name, trap(getattr(os, name)))
-        save(ck, 4, {"latest", "rolling", "epoch", "best"}, epoch=4, val_loss=0.1)
-        os._exit(3)
-    except BaseException:
-        os._exit(4)
+    return die_at_operation(die_at, ("link", "replace", "unlink", "fsync"), work)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -20,6 +20,7 @@ from runs import (
     REPO,
     SRC,
     TINY_FLAGS,
+    checkpoint_suffix,
     env,
     kill_tree,
     load_checkpoint,
@@ -114,15 +115,23 @@ def _finite(path: Path) -> bool:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
-def test_non_finite_gradient_on_one_rank_is_skipped_by_every_rank(prepared_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_non_finite_gradient_on_one_rank_is_skipped_by_every_rank(prepared_data: Path, tmp_path: Path,
+                                                                  parallel: str) -> None:
     """A finite loss with a NaN gradient on rank 1 only: rank 0's own gradient is finite, yet it
-    skips too (the decision is agreed), so the weights of step 12 are those of step 11."""
+    skips too (the decision is agreed), so the weights of step 12 are those of step 11. Under fsdp
+    the NaN is in rank 1's shard, and fused AdamW skips the DTensor parameters through the same
+    `found_inf`, decided on the device."""
+    suffix = checkpoint_suffix(parallel)
     train(tmp_path, prepared_data, "--max_steps", str(STEPS), "--eval_freq", "10", "--checkpoint_freq", "1",
-          "--keep_rolling", "30", "--inject_fault", "nan_grad@12:1")
+          "--keep_rolling", "30", "--inject_fault", "nan_grad@12:1", "--parallel", parallel)
     ckpt = tmp_path / "ckpt"
-    before, after = load_checkpoint(ckpt / "step_00000011.pt"), load_checkpoint(ckpt / "step_00000012.pt")
+    before = load_checkpoint(ckpt / f"step_00000011{suffix}")
+    after = load_checkpoint(ckpt / f"step_00000012{suffix}")
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
-    assert all(_finite(p) for p in ckpt.glob("*.pt"))
+    assert not all(torch.equal(after["model"][k], load_checkpoint(ckpt / f"step_00000013{suffix}")["model"][k])
+                   for k in after["model"])  # step 13 is applied again
+    assert all(_finite(p) for p in ckpt.glob(f"*{suffix}"))
     rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     skips = [r for r in rows if r.get("event") == "skip"]
     assert [r["skipped_step"] for r in skips] == [12] and "gradient norm is nan" in skips[0]["reason"]
@@ -137,16 +146,17 @@ def _limit_file_size(limit: int) -> None:
 
 def _failing_run(tmp_path: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
     """A run whose checkpoint writes fail with EFBIG (a real file-size limit, inherited by every
-    process: only rank 0 writes checkpoints, and they are larger than the limit)."""
+    process; larger than the limit: rank 0's files under ddp, every rank's part under fsdp)."""
     cmd = torchrun_cmd("train_improved.py", 2, [*TINY_FLAGS, *run_dirs(tmp_path, data), *extra])
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300,
                           preexec_fn=lambda: _limit_file_size(8 << 20))
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 @pytest.mark.parametrize("kind", ["async", "final"])
 def test_failed_write_on_rank0_ends_every_rank_with_one_reason(prepared_data: Path, tmp_path: Path,
-                                                               kind: str) -> None:
-    extra = ["--max_steps", "12", "--eval_freq", "100"]
+                                                               kind: str, parallel: str) -> None:
+    extra = ["--max_steps", "12", "--eval_freq", "100", "--parallel", parallel]
     extra += ["--checkpoint_freq", "5"] if kind == "async" else ["--checkpoint_freq", "1000"]
     proc = _failing_run(tmp_path, prepared_data, *extra)
     assert proc.returncode != 0

@@ -466,6 +466,35 @@ def test_the_fp8_model_is_never_compiled(gpu, monkeypatch, caplog):
         assert te.fp8_enabled
 
 
+# ------------------------------------------------------------------ --parallel fsdp (issue 13)
+
+@pytest.mark.parametrize("version", ["2.10.0", "2.16.1", "2.18.0"])
+def test_fsdp_of_te_linears_is_refused_at_start_in_one_line(gpu, monkeypatch, version):
+    """No TE release documents FSDP2 for te.pytorch.Linear (common/fp8.py names what TE has):
+    where FP8 would run, --parallel fsdp is refused before any model is built (stand-in TE)."""
+    gpu("NVIDIA H100 80GB HBM3", (9, 0))
+    te = FakeTE(version)
+    monkeypatch.setattr(fp8, "load_te", te.info)
+    with pytest.raises(UserError) as err:
+        train_fp8.fp8_model_spec(cfg(parallel="fsdp"), CUDA_CTX)
+    assert f"--parallel fsdp with --use_fp8: TransformerEngine {version} does not document FSDP2" in str(err.value)
+    assert "use --parallel ddp" in str(err.value) and "\n" not in str(err.value)
+    assert not [name for name, _ in te.calls if name == "Linear"]  # refused before building
+
+
+def test_fsdp_is_allowed_where_the_plain_model_trains(gpu, monkeypatch):
+    """FP8 under ddp (stand-in TE), and under fsdp whenever the plain model trains: without
+    --use_fp8, or falling back (no TE, no FP8 GPU). The 2-rank fsdp run of the FP8 script on this
+    CPU machine is in tests/test_resume.py."""
+    gpu("NVIDIA H100 80GB HBM3", (9, 0))
+    monkeypatch.setattr(fp8, "load_te", FakeTE("2.18.0").info)
+    assert train_fp8.fp8_model_spec(cfg(parallel="ddp"), CUDA_CTX).precision == "fp8-hybrid-delayed"
+    assert train_fp8.fp8_model_spec(cfg(parallel="fsdp", use_fp8=False), CUDA_CTX).build is GPT
+    monkeypatch.setattr(fp8, "load_te", lambda: NO_TE)
+    fallback = train_fp8.fp8_model_spec(cfg(parallel="fsdp"), CUDA_CTX)
+    assert fallback.build is GPT and fallback.meta["fp8_fallback"] is True
+
+
 # ------------------------------------------------------------------ is_first_microbatch (issue 16)
 
 def fp8_gpt(te: FakeTE) -> tuple[GPT, FP8Forward]:

@@ -1,5 +1,6 @@
 """Unattended runs heal themselves, with real torchrun processes: elastic restarts resume by
-themselves, spikes are skipped then rolled back, a hung rank ends the run instead of blocking it."""
+themselves, spikes are skipped then rolled back, a hung rank ends the run instead of blocking it.
+Restarts and rollbacks load checkpoints: they run under both --parallel ddp and fsdp."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from runs import (
     REPO,
     SRC,
     TINY_FLAGS,
+    checkpoint_suffix,
     env,
     kill_tree,
     load_checkpoint,
@@ -35,9 +37,12 @@ SPIKE = ["--spike_window", "8", "--spike_zscore", "6", "--max_consecutive_skips"
          "--inject_fault", "loss_spike@20-25"]
 
 
-def _flags(*extra: str) -> list[str]:
+MODES = ["ddp", "fsdp"]
+
+
+def _flags(*extra: str, parallel: str = "ddp") -> list[str]:
     return ["--max_steps", str(STEPS), "--eval_freq", "10", "--checkpoint_freq", "5", "--keep_rolling", "20",
-            "--dropout", "0.1", "--use_tensorboard", *extra]
+            "--dropout", "0.1", "--use_tensorboard", "--parallel", parallel, *extra]
 
 
 def _tb_steps(log_dir: Path, tag: str) -> list[int]:
@@ -50,21 +55,26 @@ def _events(log_dir: Path, kind: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, float]]:
-    """Per-step losses of uninterrupted runs: plain, and with the persistent loss spike."""
-    out = {}
-    for name, extra in (("plain", []), ("spike", SPIKE)):
-        tmp = tmp_path_factory.mktemp(f"uninterrupted_{name}")
-        train(tmp, prepared_data, *_flags(*extra))
-        out[name] = step_losses(tmp / "logs")
-        out[f"{name}_dir"] = tmp  # type: ignore[assignment]
-    return out
+def uninterrupted(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """uninterrupted(name, parallel): (per-step losses, run directory) of an uninterrupted run,
+    "plain" or with the persistent loss "spike" (made once)."""
+    made: dict[tuple[str, str], tuple[dict[int, float], Path]] = {}
+
+    def run(name: str, parallel: str) -> tuple[dict[int, float], Path]:
+        if (name, parallel) not in made:
+            tmp = tmp_path_factory.mktemp(f"uninterrupted_{name}_{parallel}")
+            train(tmp, prepared_data, *_flags(*(SPIKE if name == "spike" else []), parallel=parallel))
+            made[name, parallel] = step_losses(tmp / "logs"), tmp
+        return made[name, parallel]
+
+    return run
 
 
+@pytest.mark.parametrize("parallel", MODES)
 def test_elastic_restart_after_a_killed_worker_resumes_by_itself(prepared_data: Path, tmp_path: Path,
-                                                                 uninterrupted: dict) -> None:
+                                                                 uninterrupted, parallel: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           str(SRC / "train_improved.py"), *TINY_FLAGS, *run_dirs(tmp_path, prepared_data), *_flags()]
+           str(SRC / "train_improved.py"), *TINY_FLAGS, *run_dirs(tmp_path, prepared_data), *_flags(parallel=parallel)]
     proc = start(cmd)
     try:
         wait_for_step(tmp_path / "logs", 12, proc)
@@ -78,12 +88,15 @@ def test_elastic_restart_after_a_killed_worker_resumes_by_itself(prepared_data: 
     steps, _ = read_metrics(tmp_path / "logs")
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))  # no step twice, none missing
     losses = step_losses(tmp_path / "logs")
-    assert all(losses[s] == uninterrupted["plain"][s] for s in range(1, STEPS + 1))  # bit for bit
+    reference, _ = uninterrupted("plain", parallel)
+    assert all(losses[s] == reference[s] for s in range(1, STEPS + 1))  # bit for bit
     assert _tb_steps(tmp_path / "logs", "train/loss") == list(range(1, STEPS + 1))
 
 
-def test_persistent_spike_is_skipped_then_rolled_back(uninterrupted: dict) -> None:
-    logs = uninterrupted["spike_dir"] / "logs"
+@pytest.mark.parametrize("parallel", MODES)
+def test_persistent_spike_is_skipped_then_rolled_back(uninterrupted, parallel: str) -> None:
+    losses, run_dir = uninterrupted("spike", parallel)
+    logs = run_dir / "logs"
     skips = _events(logs, "skip")
     assert [r["skipped_step"] for r in skips] == list(range(20, 26))
     assert all("outlier" in r["reason"] for r in skips)
@@ -91,30 +104,32 @@ def test_persistent_spike_is_skipped_then_rolled_back(uninterrupted: dict) -> No
     assert [(r["step"], r["to_step"]) for r in rollbacks] == [(23, 15), (26, 20)]
     assert _tb_steps(logs, "train/skipped_steps") == [r["step"] for r in skips]
     assert _tb_steps(logs, "train/rollbacks") == [23, 26]
-    assert max(uninterrupted["spike"]) == STEPS  # the run completed
+    assert max(losses) == STEPS  # the run completed
     log_text = (logs / "log.txt").read_text()
     assert "step 20 skipped: outlier" in log_text and "rollback 2/3 at step 26" in log_text
 
 
+@pytest.mark.parametrize("parallel", MODES)
 def test_stop_and_resume_across_skips_and_a_rollback_is_exact(prepared_data: Path, tmp_path: Path,
-                                                              uninterrupted: dict) -> None:
+                                                              uninterrupted, parallel: str) -> None:
     """Stopped by SIGTERM in the middle of a streak of skipped steps (after the first rollback),
     resumed with the same drill: every step equals the uninterrupted run's."""
     proc = start(torchrun_cmd("train_improved.py", 2, [*TINY_FLAGS, *run_dirs(tmp_path, prepared_data),
-                                                       *_flags(*SPIKE)]))
+                                                       *_flags(*SPIKE, parallel=parallel)]))
     try:
         wait_for_step(tmp_path / "logs", 23, proc)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     finally:
         kill_tree(proc)
-    stopped_at = load_checkpoint(tmp_path / "ckpt" / "latest.pt")["step"]
+    stopped_at = load_checkpoint(tmp_path / "ckpt" / f"latest{checkpoint_suffix(parallel)}")["step"]
     assert 23 <= stopped_at < STEPS
-    train(tmp_path, prepared_data, *_flags(*SPIKE, "--resume", "latest"))
+    train(tmp_path, prepared_data, *_flags(*SPIKE, "--resume", "latest", parallel=parallel))
     losses = step_losses(tmp_path / "logs")
+    reference, reference_dir = uninterrupted("spike", parallel)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    assert all(losses[s] == uninterrupted["spike"][s] for s in losses), stopped_at
-    expected = [(r["step"], r["to_step"]) for r in _events(uninterrupted["spike_dir"] / "logs", "rollback")]
+    assert all(losses[s] == reference[s] for s in losses), stopped_at
+    expected = [(r["step"], r["to_step"]) for r in _events(reference_dir / "logs", "rollback")]
     assert [(r["step"], r["to_step"]) for r in _events(tmp_path / "logs", "rollback")] == expected
 
 

@@ -1,4 +1,7 @@
-"""Checkpoints, graceful shutdown and exact resume with real torchrun processes and real signals."""
+"""Checkpoints, graceful shutdown and exact resume with real torchrun processes and real signals.
+
+The tests that depend on the checkpoint format run under both `--parallel ddp` (`.pt` files)
+and `--parallel fsdp` (sharded `.dcp` directories)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +19,7 @@ from conftest import prepare_ok
 from runs import (
     SRC,
     TINY_FLAGS,
+    checkpoint_suffix,
     kill_tree,
     load_checkpoint,
     process_tree,
@@ -31,27 +35,29 @@ from runs import (
     wait_gone,
 )
 
-from common.checkpoint import validate_checkpoint
+from common.checkpoint import Checkpointer, sidecar_path, validate_checkpoint
 
 STEPS = 30
 SCRIPTS = ["train_improved.py", "train_fp8.py"]
+MODES = ["ddp", "fsdp"]
 
 
 DROPOUT = "0.1"  # exact resume must hold with random numbers drawn in every step
 
 
-def _flags(script: str, *extra: str, dropout: str = DROPOUT) -> list[str]:
+def _flags(script: str, *extra: str, dropout: str = DROPOUT, parallel: str = "ddp") -> list[str]:
     """The run every test here compares against (TINY_FLAGS and directories come on top)."""
     fp8 = ["--use_fp8"] if script == "train_fp8.py" else []  # falls back on this CPU machine
     return ["--max_steps", str(STEPS), "--eval_freq", "10", "--checkpoint_freq", "1000", "--use_tensorboard",
-            "--dropout", dropout, *fp8, *extra]
+            "--dropout", dropout, "--parallel", parallel, *fp8, *extra]
 
 
 def _interrupt(tmp: Path, data: Path, script: str, sig: signal.Signals, *, at_step: int = 6,
-               every_process: bool = False, nproc: int = 2, dropout: str = DROPOUT) -> tuple[str, float]:
+               every_process: bool = False, nproc: int = 2, dropout: str = DROPOUT,
+               parallel: str = "ddp") -> tuple[str, float]:
     """Start a run, send `sig` once it reaches `at_step`; returns the run's stderr and the
     seconds every process of the run took to exit."""
-    flags = _flags(script, dropout=dropout)
+    flags = _flags(script, dropout=dropout, parallel=parallel)
     proc = start(torchrun_cmd(script, nproc, [*TINY_FLAGS, *run_dirs(tmp, data), *flags]))
     try:
         wait_for_step(tmp / "logs", at_step, proc)
@@ -72,35 +78,41 @@ def _interrupt(tmp: Path, data: Path, script: str, sig: signal.Signals, *, at_st
 
 
 @pytest.fixture(scope="module")
-def reference(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, float]]:
-    """Per-step losses of uninterrupted 2-rank runs, one per script."""
-    out = {}
-    for script in SCRIPTS:
-        tmp = tmp_path_factory.mktemp(f"ref_{script.split('.')[0]}")
-        train(tmp, prepared_data, *_flags(script), script=script)
-        out[script] = step_losses(tmp / "logs")
-        assert sorted(out[script]) == list(range(1, STEPS + 1))
-    return out
+def reference(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """reference(script, parallel): per-step losses of an uninterrupted 2-rank run (made once)."""
+    made: dict[tuple[str, str], dict[int, float]] = {}
+
+    def losses(script: str, parallel: str) -> dict[int, float]:
+        if (script, parallel) not in made:
+            tmp = tmp_path_factory.mktemp(f"ref_{script.split('.')[0]}_{parallel}")
+            train(tmp, prepared_data, *_flags(script, parallel=parallel), script=script)
+            made[script, parallel] = step_losses(tmp / "logs")
+            assert sorted(made[script, parallel]) == list(range(1, STEPS + 1))
+        return made[script, parallel]
+
+    return losses
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+# The FP8 script falls back to the plain model here: under fsdp that is the sharded plain model.
+@pytest.mark.parametrize("script, parallel", [(script, parallel) for parallel in MODES for script in SCRIPTS])
 def test_sigterm_to_torchrun_then_resume_is_bit_identical(prepared_data: Path, tmp_path: Path, script: str,
-                                                          reference: dict[str, dict[int, float]]) -> None:
-    stderr, took = _interrupt(tmp_path, prepared_data, script, signal.SIGTERM)
+                                                          parallel: str, reference) -> None:
+    stderr, took = _interrupt(tmp_path, prepared_data, script, signal.SIGTERM, parallel=parallel)
     assert took < 30, f"shutdown took {took:.1f}s"
-    saved = load_checkpoint(tmp_path / "ckpt" / "latest.pt")
+    saved = load_checkpoint(tmp_path / "ckpt" / f"latest{checkpoint_suffix(parallel)}")
     stopped_at = saved["step"]
     assert 6 <= stopped_at < STEPS
     assert max(step_losses(tmp_path / "logs")) == stopped_at  # the last completed step was saved
     assert "--resume latest" in stderr  # the log says how to resume
 
-    resumed = train(tmp_path, prepared_data, *_flags(script, "--resume", "latest"), script=script)
+    resumed = train(tmp_path, prepared_data, *_flags(script, "--resume", "latest", parallel=parallel),
+                    script=script)
     assert f"at step {stopped_at}" in resumed.stderr
     steps, _ = read_metrics(tmp_path / "logs")
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))  # each step once, none missing
     losses = step_losses(tmp_path / "logs")
     for step in range(stopped_at + 1, STEPS + 1):
-        assert losses[step] == reference[script][step], f"step {step}"  # bit-identical
+        assert losses[step] == reference(script, parallel)[step], f"step {step}"  # bit-identical
     # TensorBoard, read back with its own reader: every step exactly once across stop and resume.
     events = tensorboard_events(tmp_path / "logs")
     for tag in ("train/loss", "train/lr", "train_perf/tokens_per_sec"):
@@ -110,19 +122,31 @@ def test_sigterm_to_torchrun_then_resume_is_bit_identical(prepared_data: Path, t
     assert all(tb_losses[s] == pytest.approx(losses[s]) for s in losses)
 
 
-def test_stop_at_two_ranks_resume_at_one(prepared_data: Path, tmp_path: Path, tmp_path_factory) -> None:
-    """Without dropout (one rank draws other masks than two), 2 -> 1 ranks matches within fp32 noise."""
+@pytest.fixture(scope="module")
+def no_dropout_reference(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     ref_dir = tmp_path_factory.mktemp("ref_no_dropout")
     train(ref_dir, prepared_data, *_flags("train_improved.py", dropout="0"))
-    reference = step_losses(ref_dir / "logs")
-    _interrupt(tmp_path, prepared_data, "train_improved.py", signal.SIGTERM, dropout="0")
-    stopped_at = load_checkpoint(tmp_path / "ckpt" / "latest.pt")["step"]
-    resumed = train(tmp_path, prepared_data, *_flags("train_improved.py", "--resume", "latest", dropout="0"),
-                    nproc=1)
-    assert "world size changed from 2 to 1" in resumed.stderr
+    return step_losses(ref_dir / "logs")
+
+
+@pytest.mark.parametrize("stopped, resumed, nproc", [("ddp", "ddp", 1), ("fsdp", "fsdp", 1), ("fsdp", "ddp", 2),
+                                                     ("ddp", "fsdp", 2)])
+def test_stop_and_resume_on_another_world_size_or_mode(prepared_data: Path, tmp_path: Path, stopped: str,
+                                                       resumed: str, nproc: int,
+                                                       no_dropout_reference: dict[int, float]) -> None:
+    """A 2-rank run stopped and resumed on 1 rank (DCP reshards a sharded checkpoint), or in the
+    other mode. Without dropout (one rank draws other masks than two): within fp32 noise of the
+    uninterrupted 2-rank DDP run."""
+    _interrupt(tmp_path, prepared_data, "train_improved.py", signal.SIGTERM, dropout="0", parallel=stopped)
+    stopped_at = load_checkpoint(tmp_path / "ckpt" / f"latest{checkpoint_suffix(stopped)}")["step"]
+    proc = train(tmp_path, prepared_data, *_flags("train_improved.py", "--resume", "latest", dropout="0",
+                                                  parallel=resumed), nproc=nproc)
+    assert f"resumed from {tmp_path / 'ckpt' / ('latest' + checkpoint_suffix(stopped))}" in proc.stderr
+    assert nproc == 2 or "world size changed from 2 to 1" in proc.stderr
+    assert load_checkpoint(tmp_path / "ckpt" / f"final{checkpoint_suffix(resumed)}")["step"] == STEPS
     losses = step_losses(tmp_path / "logs")
     for step in range(stopped_at + 1, STEPS + 1):
-        assert losses[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
+        assert losses[step] == pytest.approx(no_dropout_reference[step], rel=1e-4), f"step {step}"
 
 
 def test_sigint_to_every_process(prepared_data: Path, tmp_path: Path) -> None:
@@ -136,48 +160,57 @@ def test_sigint_to_every_process(prepared_data: Path, tmp_path: Path) -> None:
     assert ok, why
 
 
-def test_kill_9_during_saves_never_corrupts(prepared_data: Path, tmp_path: Path) -> None:
-    """SIGKILL to every process at random moments while a checkpoint is written every step."""
+@pytest.mark.parametrize("parallel", MODES)
+def test_kill_9_during_saves_never_corrupts(prepared_data: Path, tmp_path: Path, parallel: str) -> None:
+    """SIGKILL to every process at random moments while a checkpoint is written every step (under
+    fsdp: every rank writing its part of an asynchronous DCP save); each round resumes."""
     rng = random.Random(1234)
     ckpt_dir = tmp_path / "ckpt"
     # Larger state than TINY so a write takes long enough to be hit.
     args = [*TINY_FLAGS, *run_dirs(tmp_path, prepared_data), "--n_embd", "128", "--max_steps", "100000",
-            "--checkpoint_freq", "1", "--keep_rolling", "3", "--eval_freq", "1000", "--resume", "auto"]
+            "--checkpoint_freq", "1", "--keep_rolling", "3", "--eval_freq", "1000", "--resume", "auto",
+            "--parallel", parallel]
+    newest = 0
     for _ in range(4):
         proc = start(torchrun_cmd("train_improved.py", 2, args))
         try:
-            wait_for_step(tmp_path / "logs", 1, proc, timeout=120)
+            wait_for_step(tmp_path / "logs", newest + 1, proc, timeout=120)
             time.sleep(rng.uniform(0.2, 2.0))
         finally:
             kill_tree(proc)  # kill -9 of every process of the run at once
-        sidecars = sorted(ckpt_dir.glob("*.json"))
-        assert sidecars, "no checkpoint written"
-        for sidecar in sidecars:
-            pt = sidecar.with_suffix(".pt")
-            if pt.exists():  # a sidecar may be left behind by a rotation that was cut short
-                ok, why = validate_checkpoint(pt)
-                assert ok or pt.name == "latest.pt", f"{pt.name}: {why}"
-                load_checkpoint(pt)
-        assert load_checkpoint(ckpt_dir / "latest.pt")["step"] >= 1
+        infos = Checkpointer(ckpt_dir, enabled=False).list(full=True)
+        assert any(sidecar_path(i.path).exists() for i in infos), "no checkpoint written"
+        for info in infos:
+            if sidecar_path(info.path).exists() and info.path.exists():  # a rotation cut short may leave a sidecar
+                assert info.valid or info.path.stem == "latest", f"{info.name}: {info.reason}"
+                load_checkpoint(info.path)
+        chosen = Checkpointer(ckpt_dir, enabled=False).choose_resume("latest")
+        assert chosen.suffix == checkpoint_suffix(parallel)
+        step = load_checkpoint(chosen)["step"]
+        assert step >= max(newest, 1)  # the previous checkpoint stayed valid, and the next round resumes
+        newest = step
 
 
-@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
-def test_corrupt_latest_falls_back_to_newest_valid(prepared_data: Path, tmp_path: Path, damage: str) -> None:
-    train(tmp_path, prepared_data, "--max_steps", "8", "--checkpoint_freq", "3", "--eval_freq", "100")
-    latest = tmp_path / "ckpt" / "latest.pt"
-    data = bytearray(latest.read_bytes())
-    os.unlink(latest)  # latest.pt is a hard link: damage only this name
+@pytest.mark.parametrize("parallel, damage", [("ddp", "truncate"), ("ddp", "bitflip"), ("fsdp", "bitflip")])
+def test_corrupt_latest_falls_back_to_newest_valid(prepared_data: Path, tmp_path: Path, parallel: str,
+                                                   damage: str) -> None:
+    suffix = checkpoint_suffix(parallel)
+    flags = ["--max_steps", "8", "--checkpoint_freq", "3", "--eval_freq", "100", "--parallel", parallel]
+    train(tmp_path, prepared_data, *flags)
+    latest = tmp_path / "ckpt" / f"latest{suffix}"
+    damaged = latest / "__1_0.distcp" if parallel == "fsdp" else latest  # rank 1's part of a DCP checkpoint
+    data = bytearray(damaged.read_bytes())
+    os.unlink(damaged)  # a hard link: damage only this name
     if damage == "truncate":
         data = data[: len(data) // 2]
     else:
         data[len(data) // 2] ^= 0x10
-    latest.write_bytes(bytes(data))
-    resumed = train(tmp_path, prepared_data, "--max_steps", "10", "--checkpoint_freq", "3", "--eval_freq", "100",
-                    "--resume", "latest")
-    # final.pt (a hard link of the old latest.pt, step 8) is the newest valid checkpoint.
-    assert "latest.pt" in resumed.stderr and "final.pt" in resumed.stderr
+    damaged.write_bytes(bytes(data))
+    resumed = train(tmp_path, prepared_data, *flags[2:], "--max_steps", "10", "--resume", "latest")
+    # final (a hard link of the old latest, step 8) is the newest valid checkpoint.
+    assert f"latest{suffix}" in resumed.stderr and f"final{suffix}" in resumed.stderr
     assert "at step 8" in resumed.stderr
-    assert load_checkpoint(tmp_path / "ckpt" / "latest.pt")["step"] == 10
+    assert load_checkpoint(latest)["step"] == 10
 
 
 @pytest.fixture(scope="module")
@@ -189,26 +222,28 @@ def few_epoch_data(small_corpus_dir: Path, tmp_path_factory: pytest.TempPathFact
     return out
 
 
-def test_rotation_tiers_and_best(few_epoch_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel", MODES)
+def test_rotation_tiers_and_best(few_epoch_data: Path, tmp_path: Path, parallel: str) -> None:
+    suffix = checkpoint_suffix(parallel)
     train(tmp_path, few_epoch_data, "--max_steps", "40", "--checkpoint_freq", "4", "--keep_rolling", "3",
-          "--keep_epoch", "2", "--eval_freq", "2")
+          "--keep_epoch", "2", "--eval_freq", "2", "--parallel", parallel)
     ckpt = tmp_path / "ckpt"
-    rolling = sorted(p.name for p in ckpt.glob("step_*.pt"))
-    assert rolling == ["step_00000032.pt", "step_00000036.pt", "step_00000040.pt"]
-    epochs = sorted(ckpt.glob("epoch_*.pt"))
+    rolling = sorted(p.name for p in ckpt.glob(f"step_*{suffix}"))
+    assert rolling == [f"step_{step:08d}{suffix}" for step in (32, 36, 40)]
+    epochs = sorted(ckpt.glob(f"epoch_*{suffix}"))
     assert len(epochs) == 2
-    final_epoch = load_checkpoint(ckpt / "final.pt")["epoch"]
+    final_epoch = load_checkpoint(ckpt / f"final{suffix}")["epoch"]
     assert [load_checkpoint(p)["epoch"] for p in epochs] == [final_epoch - 1, final_epoch]
     _, evals = read_metrics(tmp_path / "logs")
     best = min(evals, key=lambda r: r["val_loss"])
-    best_meta = json.loads((ckpt / "best.json").read_text())
+    best_meta = json.loads(sidecar_path(ckpt / f"best{suffix}").read_text())
     assert best_meta["step"] == best["step"] and best_meta["val_loss"] == pytest.approx(best["val_loss"])
-    # One write per checkpoint: the names saved at one step share the bytes.
-    inodes = {(ckpt / name).stat().st_ino for name in ("final.pt", "latest.pt", "step_00000040.pt")}
+    # One write per checkpoint: the names saved at one step share the bytes (a DCP directory's files).
+    shared = "train_state.pt" if parallel == "fsdp" else ""
+    inodes = {(ckpt / name / shared).stat().st_ino for name in (f"final{suffix}", f"latest{suffix}", rolling[-1])}
     assert len(inodes) == 1
-    for pt in ckpt.glob("*.pt"):
-        ok, why = validate_checkpoint(pt)
-        assert ok, f"{pt.name}: {why}"
+    for info in Checkpointer(ckpt, enabled=False).list(full=True):
+        assert info.valid, f"{info.name}: {info.reason}"
 
 
 def test_resume_refusals_and_auto(prepared_data: Path, tmp_path: Path) -> None:

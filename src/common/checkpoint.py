@@ -31,6 +31,18 @@ with `.ckpt-tmp-` and never match a checkpoint name; `prepare()` removes leftove
 `write_checkpoint(state, path, ...)` is the same protocol for one file outside a Checkpointer
 (steps 1 and 2 for a single name, no rotation): src/export_checkpoint.py writes with it.
 
+DCP checkpoints (`--parallel fsdp`, written by common.dcp_checkpoint): the same tiers and
+names with `.dcp` in place of `.pt`, each a directory -- every rank's part of the model and
+optimizer state (`__R_0.distcp`), DCP's `.metadata` (renamed into place by DCP once every part is
+written), `train_state.pt` (everything else: step, config, loader position, every rank's RNG
+state..., written by rank 0) and `MANIFEST.sha256` (every other file's sha256, in the format of
+`sha256sum -c`). Beside NAME.dcp the sidecar NAME.dcp.json holds the manifest's sha256 and every
+file's size. The protocol is the one above with a directory in place of a file: the parts are
+written into a temporary directory; each name is a directory of hard links to them, renamed into
+place (the old directory moved aside first, as a directory cannot be renamed over another), its
+sidecar written last -- the commit marker. Rotation deletes the sidecar first, then renames the
+directory aside and removes it.
+
 Asynchronous saves: the caller blocks only while every tensor is copied to CPU memory (the
 snapshot); a single background thread writes the snapshot; at most one write is in flight. A
 failed background write is raised as CheckpointError by the next `check_failed()`, `wait()`
@@ -81,15 +93,24 @@ TIERS = ("latest", "rolling", "epoch", "best", "final")
 # a crash between two names leaves the newest checkpoint valid under at least one name.
 _PUBLISH_ORDER = ("rolling", "epoch", "final", "best", "latest")
 TMP_PREFIX = ".ckpt-tmp-"
-_NAME_RE = re.compile(r"^(latest|best|final|step_(\d{8,})|epoch_(\d{3,}))\.(pt|json)$")
+_NAME_RE = re.compile(r"^(latest|best|final|step_(\d{8,})|epoch_(\d{3,}))\.(pt|json|dcp|dcp\.json)$")
 # Listing order of the names of one step: the tier files first, then these.
-_NAME_ORDER = {"best.pt": 1, "latest.pt": 2, "final.pt": 3}
+_NAME_ORDER = {"best": 1, "latest": 2, "final": 3}
+PT_SUFFIX = ".pt"
+DCP_SUFFIX = ".dcp"
+# Files of a DCP checkpoint directory besides the ranks' parts.
+DCP_METADATA = ".metadata"  # DCP's own, renamed into place once every part is written
+DCP_TRAIN_STATE = "train_state.pt"
+DCP_MANIFEST = "MANIFEST.sha256"
+DCP_PART_HASHES = ".sha256-"  # each rank's hashes of its own parts, merged into the manifest
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _EPOCH_RE = re.compile(r"^epoch_(\d{3,})$")
 # Errors from os.link that mean "this file system does not do hard links here".
 _NO_LINK_ERRNOS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
 # Keys a resume reads from every checkpoint; a file without them (an export, a foreign file) is refused.
 RESUME_KEYS = ("model", "optimizer", "step", "config", "data_state", "meta")
+# A DCP checkpoint's model and optimizer are in its parts; train_state.pt holds the rest.
+DCP_RESUME_KEYS = tuple(k for k in RESUME_KEYS if k not in ("model", "optimizer"))
 
 # Status of a checkpoint name: OK, or what is wrong with it (the lister prints these words).
 OK = "ok"
@@ -98,6 +119,7 @@ BAD_SIDECAR = "BAD SIDECAR"
 CORRUPT_SIZE = "CORRUPT (size)"
 CORRUPT_SHA256 = "CORRUPT (sha256)"
 MISSING_FILE = "MISSING FILE"
+INCOMPLETE = "INCOMPLETE"  # a DCP directory without one of its files
 UNREADABLE = "UNREADABLE"
 
 
@@ -110,7 +132,7 @@ class CheckpointInfo:
     """One checkpoint name in a directory, as `Checkpointer.list()` reports it."""
 
     path: Path
-    name: str  # file name, e.g. "latest.pt"
+    name: str  # file or directory name, e.g. "latest.pt", "latest.dcp"
     step: int | None
     epoch: int | None
     val_loss: float | None
@@ -131,8 +153,54 @@ class CheckpointInfo:
 
 
 def sidecar_path(path: Path) -> Path:
-    """NAME.pt -> NAME.json."""
-    return Path(path).with_suffix(".json")
+    """NAME.pt -> NAME.json; NAME.dcp -> NAME.dcp.json."""
+    path = Path(path)
+    return path.with_name(path.name + ".json") if path.suffix == DCP_SUFFIX else path.with_suffix(".json")
+
+
+def _data_name(name: str) -> str:
+    """The checkpoint a named file belongs to: its data file or directory name."""
+    if name.endswith(DCP_SUFFIX + ".json"):
+        return name[: -len(".json")]
+    if name.endswith(".json"):
+        return name[: -len(".json")] + PT_SUFFIX
+    return name
+
+
+def is_dcp(path: Path) -> bool:
+    """A DCP checkpoint directory (by name, or by its files when named explicitly)."""
+    path = Path(path)
+    return path.suffix == DCP_SUFFIX or (path / DCP_TRAIN_STATE).is_file() and (path / DCP_METADATA).is_file()
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint's data: a file, or a directory renamed aside first so its name goes at
+    once (the leftover is a temporary name, removed by `prepare()` if this is cut short)."""
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f"{TMP_PREFIX}{new_token()}.old-{path.name}")
+        os.replace(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        _unlink(path)
+
+
+def _tree_files(directory: Path) -> list[Path]:
+    """The files of a checkpoint directory (no subdirectories are written)."""
+    return sorted(p for p in directory.iterdir() if p.is_file())
+
+
+def _data_size(path: Path) -> int:
+    """Bytes of a checkpoint file, or of every file of a checkpoint directory."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in _tree_files(path))
+    return path.stat().st_size
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of a checkpoint's data: for a directory, of its train_state.pt, which the
+    names of one save share as hard links."""
+    st = (path / DCP_TRAIN_STATE if path.is_dir() else path).stat()
+    return st.st_dev, st.st_ino
 
 
 def _unlink(path: Path) -> bool:
@@ -161,6 +229,65 @@ def _read_sidecar(path: Path) -> tuple[dict | None, str, str]:
     return record, OK, "ok"
 
 
+def _hash_once(path: Path, hashes: dict[tuple[int, ...], str] | None) -> str:
+    """sha256 of a file, remembered by (device, inode, size, mtime): hard links are read once."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    sha = hashes.get(key) if hashes is not None else None
+    if sha is None:
+        sha = sha256_file(path)
+        if hashes is not None:
+            hashes[key] = sha
+    return sha
+
+
+def read_manifest(path: Path) -> dict[str, str]:
+    """{file: sha256} of a `sha256sum`-format manifest; ValueError for a malformed line."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        sha, sep, name = line.partition("  ")
+        if not sep or len(sha) != 64 or not name or "/" in name:
+            raise ValueError(f"malformed line {line[:80]!r}")
+        out[name] = sha.lower()
+    return out
+
+
+def manifest_text(hashes: dict[str, str]) -> str:
+    """The manifest of {file: sha256}: `sha256sum -c MANIFEST.sha256` checks the directory."""
+    return "".join(f"{sha}  {name}\n" for name, sha in sorted(hashes.items()))
+
+
+def _inspect_dcp(path: Path, record: dict, *, full: bool, hashes: dict[tuple[int, ...], str] | None,
+                 ) -> tuple[str, str, dict | None]:
+    """`_inspect` for a DCP directory whose sidecar was read: every file's size, then (full) the
+    manifest's sha256 against the sidecar and every file's against the manifest."""
+    files = record.get("files")
+    if not isinstance(files, dict) or not isinstance(record.get("sha256"), str) \
+            or not all(isinstance(size, int) for size in files.values()):
+        return BAD_SIDECAR, "sidecar lacks files or sha256", record
+    for name, size in sorted(files.items()):
+        try:
+            actual = (path / name).stat().st_size
+        except OSError:
+            return INCOMPLETE, f"{name} is missing", record
+        if actual != size:
+            return CORRUPT_SIZE, f"{name} is {actual} bytes, sidecar says {size} (truncated or replaced)", record
+    if not full:
+        return OK, "ok (size checked, sha256 not checked)", record
+    try:
+        if _hash_once(path / DCP_MANIFEST, hashes) != record["sha256"].lower():
+            return CORRUPT_SHA256, f"{DCP_MANIFEST} does not match its sidecar (corrupt or modified)", record
+        manifest = read_manifest(path / DCP_MANIFEST)
+        if set(manifest) != set(files) - {DCP_MANIFEST}:
+            return CORRUPT_SHA256, f"{DCP_MANIFEST} does not list the files the sidecar lists", record
+        for name, sha in sorted(manifest.items()):
+            if _hash_once(path / name, hashes) != sha:
+                return CORRUPT_SHA256, f"{name}: sha256 does not match {DCP_MANIFEST} (corrupt or modified)", record
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return UNREADABLE, f"unreadable: {getattr(err, 'strerror', None) or err}", record
+    return OK, "ok", record
+
+
 def _inspect(path: Path, *, full: bool, hashes: dict[tuple[int, ...], str] | None = None,
              ) -> tuple[str, str, dict | None]:
     """(status, reason, sidecar record or None) of one checkpoint name, without loading it.
@@ -174,6 +301,12 @@ def _inspect(path: Path, *, full: bool, hashes: dict[tuple[int, ...], str] | Non
         st = path.stat()
     except FileNotFoundError:
         return MISSING_FILE, "file missing", record
+    if path.suffix == DCP_SUFFIX:
+        if not path.is_dir():
+            return UNREADABLE, "not a directory", record
+        if record is None:
+            return status, reason, None
+        return _inspect_dcp(path, record, full=full, hashes=hashes)
     if not path.is_file():
         return UNREADABLE, "not a regular file", record
     if record is None:
@@ -185,15 +318,10 @@ def _inspect(path: Path, *, full: bool, hashes: dict[tuple[int, ...], str] | Non
                 record)
     if not full:
         return OK, "ok (size checked, sha256 not checked)", record
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    sha = hashes.get(key) if hashes is not None else None
-    if sha is None:
-        try:
-            sha = sha256_file(path)
-        except OSError as err:
-            return UNREADABLE, f"unreadable: {err.strerror or err}", record
-        if hashes is not None:
-            hashes[key] = sha
+    try:
+        sha = _hash_once(path, hashes)
+    except OSError as err:
+        return UNREADABLE, f"unreadable: {err.strerror or err}", record
     if sha != record["sha256"].lower():
         return CORRUPT_SHA256, "sha256 does not match its sidecar (corrupt or modified)", record
     return OK, "ok", record
@@ -203,7 +331,8 @@ def validate_checkpoint(path: Path, *, full: bool = True) -> tuple[bool, str]:
     """Check a checkpoint against its sidecar without loading it.
 
     Returns (True, "ok") or (False, reason). `full=False` checks presence and size only (fast,
-    for listings); `full=True` also compares the sha256 of the whole file.
+    for listings); `full=True` also compares the sha256 of the whole file (of every file of a
+    DCP directory).
     """
     status, reason, _ = _inspect(Path(path), full=full)
     return status == OK, reason
@@ -244,7 +373,7 @@ def _checkpoint_info(path: Path, *, full: bool, hashes: dict[tuple[int, ...], st
     if epoch is None and match and match.group(3):
         epoch = int(match.group(3))
     try:
-        size = path.stat().st_size
+        size = _data_size(path)
     except OSError:
         size = 0
     written, written_from = _record_time(record, path)
@@ -267,10 +396,11 @@ def _newest_first(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
 
 
 def _latest_candidates(infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
-    """What `--resume latest` tries, in order: latest.pt, then every other data file, newest first."""
-    latest = [i for i in infos if i.name == "latest.pt"]
-    others = [i for i in infos if i.name != "latest.pt" and i.status != MISSING_FILE]
-    return latest + _newest_first(others)
+    """What `--resume latest` tries, in order: latest.pt / latest.dcp (the newer first, when a run
+    changed --parallel), then every other checkpoint, newest first."""
+    latest = [i for i in infos if i.path.stem == "latest"]
+    others = [i for i in infos if i.path.stem != "latest" and i.status != MISSING_FILE]
+    return _newest_first(latest) + _newest_first(others)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,15 +518,18 @@ def estimate_state_bytes(*modules_or_state: Any) -> int:
     Accepts nn.Module (parameters and buffers), torch.optim.Optimizer (its state; before the
     first step, what AdamW, the suite's optimizer, will create: two moments per parameter in its
     dtype and a step counter), tensors and containers of them. Pickle and zip overhead (a few KB)
-    is ignored.
+    is ignored. Of a sharded model (DTensors), this rank's shards.
     """
     import torch
+
+    from .parallel import local_tensor
 
     seen: set = set()
     total = 0
 
     def add_tensor(t: torch.Tensor) -> None:
         nonlocal total
+        t = local_tensor(t)  # a DTensor: this rank's shard
         if t.layout != torch.strided or t.device.type == "meta":
             total += t.numel() * t.element_size()
             return
@@ -419,7 +552,8 @@ def estimate_state_bytes(*modules_or_state: Any) -> int:
                     if state:
                         walk(state)
                     else:  # not stepped yet: exp_avg and exp_avg_sq like the parameter, a float32 step
-                        total += 2 * p.numel() * p.element_size() + 4
+                        local = local_tensor(p)
+                        total += 2 * local.numel() * local.element_size() + 4
         elif isinstance(obj, dict):
             for value in obj.values():
                 walk(value)
@@ -491,12 +625,12 @@ def _find_os_error(exc: BaseException | None) -> OSError | None:
     return None
 
 
-def _new_token() -> str:
+def new_token() -> str:
     """Unique part of one save's temporary names: `TMP_PREFIX + token + ...`."""
     return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def _write_data(state: dict, path: Path) -> tuple[int, str]:
+def write_state(state: dict, path: Path) -> tuple[int, str]:
     """Protocol step 1: `torch.save` into the new file `path`, fsynced; (size, sha256) of its bytes."""
     import torch
 
@@ -514,7 +648,7 @@ def _write_data(state: dict, path: Path) -> tuple[int, str]:
     return writer.size, writer.hexdigest()
 
 
-def _sidecar_record(
+def sidecar_record(
     file: str | None, state: Any, *, step: int | None, epoch: int | None, val_loss: float | None, size: int,
     sha256: str, saved_as: list[str] | None = None,
 ) -> dict:
@@ -547,22 +681,55 @@ def _publish(target: Path, record: dict, token: str, stage: Callable[[], Path]) 
     #    never has a sidecar that describes other bytes than its data file.
     if _unlink(side):
         fsync_dir(directory)
-    # 2. The data, atomically: a complete, fsynced file appears under the name.
+    # 2. The data, atomically: a complete, fsynced file (or directory) appears under the name. An
+    #    old directory is moved aside first: rename() cannot replace a non-empty directory.
     staged = stage()
+    aside = None
+    if target.is_dir() and not target.is_symlink():
+        aside = directory / f"{TMP_PREFIX}{token}.old-{target.name}"
+        os.replace(target, aside)
     os.replace(staged, target)
     _unlink(staged)  # rename() of two links to one inode is a no-op; never the case here
     fsync_dir(directory)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     # 3. The sidecar, atomically, after its data file is durable (atomic_write fsyncs the directory).
     data = json.dumps(record, indent=2, default=_json_default).encode("utf-8") + b"\n"
     atomic_write_bytes(side, data, tmp_name=f"{TMP_PREFIX}{token}.json-{target.name}")
 
 
-def _remove_temps(directory: Path, token: str) -> None:
+def remove_temps(directory: Path, token: str) -> None:
+    """Remove what the save `token` left: temporary files, and a DCP save's temporary directories."""
     try:
         for entry in directory.glob(f"{TMP_PREFIX}{token}*"):
-            _unlink(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                _unlink(entry)
     except OSError:
         pass
+
+
+def seal_dcp_directory(directory: Path) -> tuple[dict[str, int], str]:
+    """Write MANIFEST.sha256 into the directory of a complete DCP save: the ranks' sha256 of their
+    own parts (the DCP_PART_HASHES files, merged, then removed) and of every other file, hashed
+    here. Returns ({file: size} of every file, the manifest included; the manifest's sha256)."""
+    hashes: dict[str, str] = {}
+    part_hashes = sorted(directory.glob(f"{DCP_PART_HASHES}*"))
+    for part in part_hashes:
+        hashes.update(json.loads(part.read_text(encoding="utf-8")))
+    files = [f for f in _tree_files(directory) if f.name != DCP_MANIFEST and f not in part_hashes]
+    for file in files:
+        if file.name not in hashes:
+            hashes[file.name] = sha256_file(file)
+    if set(hashes) != {f.name for f in files}:
+        raise OSError(errno.ENOENT, f"parts hashed but missing: {sorted(set(hashes) - {f.name for f in files})}")
+    text = manifest_text(hashes).encode("utf-8")
+    atomic_write_bytes(directory / DCP_MANIFEST, text, tmp_name=f"{TMP_PREFIX}{DCP_MANIFEST}")
+    for part in part_hashes:
+        _unlink(part)
+    fsync_dir(directory)
+    return {f.name: f.stat().st_size for f in _tree_files(directory)}, hashlib.sha256(text).hexdigest()
 
 
 def write_checkpoint(state: dict, path: Path, *, step: int | None, epoch: int | None,
@@ -578,14 +745,14 @@ def write_checkpoint(state: dict, path: Path, *, step: int | None, epoch: int | 
     it describes that file.
     """
     path = Path(path)
-    token = _new_token()
+    token = new_token()
     data_tmp = path.parent / f"{TMP_PREFIX}{token}.data"
     try:
-        size, sha = _write_data(state, data_tmp)
-        record = _sidecar_record(path.name, state, step=step, epoch=epoch, val_loss=val_loss, size=size, sha256=sha)
+        size, sha = write_state(state, data_tmp)
+        record = sidecar_record(path.name, state, step=step, epoch=epoch, val_loss=val_loss, size=size, sha256=sha)
         _publish(path, record, token, lambda: data_tmp)
     except BaseException:
-        _remove_temps(path.parent, token)
+        remove_temps(path.parent, token)
         raise
     return record
 
@@ -594,8 +761,13 @@ class Checkpointer:
     """Saves, rotates, validates and finds checkpoints in one directory.
 
     Construct it on every rank with `enabled=(rank == 0)`: writes on other ranks are no-ops,
-    while `resolve`, `load` and `list` work everywhere.
+    while `resolve`, `load` and `list` work everywhere. It writes `.pt` files (rank 0 alone);
+    finding, validating, loading and rotating handle `.dcp` directories too (written by
+    common.dcp_checkpoint.DCPCheckpointer, a subclass in which every rank takes part in a save).
     """
+
+    suffix = PT_SUFFIX  # of the checkpoints this class writes
+    collective = False  # save() and settle() on rank 0 alone; the subclass: on every rank
 
     def __init__(
         self,
@@ -634,6 +806,9 @@ class Checkpointer:
                 continue
             if entry.is_file() or entry.is_symlink():
                 removed += _unlink(entry)
+            elif entry.is_dir():  # a DCP save's directory
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
         if removed:
             fsync_dir(self.directory)
             logger.info("removed %d temporary file(s) left by an interrupted save in %s", removed, self.directory)
@@ -656,13 +831,19 @@ class Checkpointer:
         total = 0
         for path in self._data_files():
             try:
-                st = path.stat()
+                files = _tree_files(path) if path.is_dir() else [path]
+                for file in files:
+                    st = file.stat()
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        total += st.st_size
             except OSError:
                 continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
         return total
+
+    def total_bytes(self, local_bytes: int) -> int:
+        """A checkpoint's size from this rank's share of it: all of it (rank 0 writes the whole)."""
+        return local_bytes
 
     def _check_disk(self, estimated_bytes: int) -> None:
         if estimated_bytes <= 0:
@@ -706,12 +887,12 @@ class Checkpointer:
                 continue
             if tier == "rolling":
                 if self.keep_rolling > 0:
-                    names.append(f"step_{int(step):08d}.pt")
+                    names.append(f"step_{int(step):08d}{self.suffix}")
             elif tier == "epoch":
                 if self.keep_epoch > 0:
-                    names.append(f"epoch_{int(epoch):03d}.pt")
+                    names.append(f"epoch_{int(epoch):03d}{self.suffix}")
             else:
-                names.append(f"{tier}.pt")
+                names.append(f"{tier}{self.suffix}")
         return names
 
     @property
@@ -771,6 +952,15 @@ class Checkpointer:
             self._thread = None
         self._raise_pending()
 
+    def close(self) -> None:
+        """Wait for the in-flight write (the end of a run)."""
+        self.wait()
+
+    def settle(self) -> None:
+        """Wait for the in-flight save on every rank that takes part in one (here: rank 0, the
+        caller makes its failure every rank's); raise CheckpointError if it failed."""
+        self.wait()
+
     def check_failed(self) -> None:
         """Non-blocking: raise CheckpointError if a finished background write failed."""
         thread = self._thread
@@ -787,18 +977,18 @@ class Checkpointer:
 
     def _write(self, state: dict, names: list[str], step: int, epoch: int, val_loss: float | None) -> None:
         started = time.perf_counter()
-        token = _new_token()
+        token = new_token()
         data_tmp = self.directory / f"{TMP_PREFIX}{token}.data"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            size, sha = _write_data(state, data_tmp)
-            record = _sidecar_record(
+            size, sha = write_state(state, data_tmp)
+            record = sidecar_record(
                 None, state, step=step, epoch=epoch, val_loss=val_loss, size=size, sha256=sha, saved_as=names,
             )
             for name in names:
                 self._publish(data_tmp, name, token, dict(record, file=name))
         except BaseException as exc:
-            _remove_temps(self.directory, token)
+            remove_temps(self.directory, token)
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not ours to convert
                 raise
             raise CheckpointError(self._failure_message(exc)) from exc
@@ -839,11 +1029,18 @@ class Checkpointer:
             os.fsync(f.fileno())
 
     def _publish(self, data_tmp: Path, name: str, token: str, record: dict) -> None:
-        """Publish the save's data under `name`: a hard link (or copy) of `data_tmp`, see `_publish`."""
+        """Publish the save's data under `name`: a hard link (or copy) of `data_tmp`, or for a DCP
+        directory a directory of hard links (or copies) of its files; see `_publish`."""
         link_tmp = self.directory / f"{TMP_PREFIX}{token}.link-{name}"
 
         def stage() -> Path:
-            self._link_or_copy(data_tmp, link_tmp)
+            if not data_tmp.is_dir():
+                self._link_or_copy(data_tmp, link_tmp)
+                return link_tmp
+            link_tmp.mkdir()
+            for file in _tree_files(data_tmp):
+                self._link_or_copy(file, link_tmp / file.name)
+            fsync_dir(link_tmp)
             return link_tmp
 
         _publish(self.directory / name, record, token, stage)
@@ -864,15 +1061,14 @@ class Checkpointer:
             for info in tier[keep:]:
                 if info.name in just_written:
                     continue
-                stem = info.path.stem
                 try:
                     # Sidecar first: a half-deleted checkpoint is a data file without a sidecar,
                     # which is invalid; never a sidecar vouching for a missing file.
-                    _unlink(self.directory / f"{stem}.json")
-                    _unlink(self.directory / f"{stem}.pt")
+                    _unlink(sidecar_path(info.path))
+                    _remove(info.path)
                     deleted = True
                 except OSError as err:
-                    logger.warning("could not delete old checkpoint %s: %s", stem, err.strerror or err)
+                    logger.warning("could not delete old checkpoint %s: %s", info.name, err.strerror or err)
         if deleted:
             fsync_dir(self.directory)
 
@@ -885,7 +1081,8 @@ class Checkpointer:
         return [p for p in self.directory.iterdir() if _NAME_RE.match(p.name)]
 
     def _data_files(self) -> list[Path]:
-        return [p for p in self._named_files() if p.suffix == ".pt" and p.is_file()]
+        return [p for p in self._named_files() if (p.suffix == PT_SUFFIX and p.is_file())
+                or (p.suffix == DCP_SUFFIX and p.is_dir())]
 
     def list(self, *, full: bool = False) -> list[CheckpointInfo]:
         """Every checkpoint name in the directory (data file, sidecar or both), in step order.
@@ -895,9 +1092,9 @@ class Checkpointer:
         its data file MISSING_FILE.
         """
         hashes: dict[tuple[int, ...], str] = {}
-        stems = sorted({p.stem for p in self._named_files()})
-        infos = [_checkpoint_info(self.directory / f"{stem}.pt", full=full, hashes=hashes) for stem in stems]
-        infos.sort(key=lambda i: (-1 if i.step is None else i.step, _NAME_ORDER.get(i.name, 0), i.name))
+        names = sorted({_data_name(p.name) for p in self._named_files()})
+        infos = [_checkpoint_info(self.directory / name, full=full, hashes=hashes) for name in names]
+        infos.sort(key=lambda i: (-1 if i.step is None else i.step, _NAME_ORDER.get(i.path.stem, 0), i.name))
         return infos
 
     def choose_resume(self, spec: str) -> Path | None:
@@ -905,16 +1102,17 @@ class Checkpointer:
 
         "" (no --resume): None, refused when the directory holds checkpoint data (a fresh run
            would overwrite it).
-        latest: latest.pt if valid, else the most recently written valid checkpoint of any tier
-           (with a warning).
+        latest: latest.pt (or latest.dcp; the newer of the two) if valid, else the most recently
+           written valid checkpoint of any tier (with a warning).
         auto: like latest, but None when the directory holds no checkpoint data at all; data of
            which none is usable (e.g. files copied without their sidecars) is refused, never
            started over.
-        best: best.pt if valid.
-        PATH: that file (a relative path is also looked up in the directory) if it validates. A
-           file without a sidecar is accepted with a warning, being named explicitly; `load` still
-           requires it to load with weights_only and to hold RESUME_KEYS. Nothing else ever picks
-           a file without a sidecar.
+        best: best.pt (or best.dcp; the newer) if valid.
+        PATH: that file or DCP directory (a relative path is also looked up in the directory) if
+           it validates. One without a sidecar is accepted with a warning, being named explicitly;
+           `load` still requires it to load with weights_only and to hold RESUME_KEYS (a DCP
+           directory's metadata is read by an unpickler that builds DCP's own classes only).
+           Nothing else ever picks a checkpoint without a sidecar.
         Reads and validates only; never changes a file.
         """
         spec = str(spec or "").strip()
@@ -926,7 +1124,7 @@ class Checkpointer:
         if not infos:
             if spec == "latest":
                 raise UserError(
-                    f"no checkpoint to resume in {self.directory} (no latest.pt or other .pt checkpoint); "
+                    f"no checkpoint to resume in {self.directory} (no latest.pt or other .pt or .dcp checkpoint); "
                     "check --checkpoint_dir, or drop --resume to start fresh (--resume auto does that by itself)"
                 )
             if spec == "auto":
@@ -949,10 +1147,11 @@ class Checkpointer:
             if status != OK:
                 problems[info.name] = reason
                 continue
-            if info.name != "latest.pt":
+            if info.path.stem != "latest":
+                latest = next((name for name in problems if Path(name).stem == "latest"), f"latest{self.suffix}")
                 logger.warning(
-                    "latest.pt in %s is not usable (%s); resuming from %s (step %s), the most recently "
-                    "written valid checkpoint", self.directory, problems.get("latest.pt", "file missing"),
+                    "%s in %s is not usable (%s); resuming from %s (step %s), the most recently "
+                    "written valid checkpoint", latest, self.directory, problems.get(latest, "file missing"),
                     info.name, info.step,
                 )
             return info.path
@@ -964,13 +1163,14 @@ class Checkpointer:
         )
 
     def _choose_best(self) -> Path:
-        path = self.directory / "best.pt"
-        status, reason, _ = _inspect(path, full=True)
-        if status == MISSING_FILE:
+        found = _newest_first(i for i in self.list() if i.path.stem == "best" and i.status != MISSING_FILE)
+        if not found:
             raise UserError(
-                f"no best.pt in {self.directory} (it is written at the first evaluation); "
+                f"no best.pt or best.dcp in {self.directory} (it is written at the first evaluation); "
                 "use --resume latest or --resume PATH"
             )
+        path = found[0].path
+        status, reason, _ = _inspect(path, full=True)
         if status != OK:
             raise UserError(f"{path} is not usable: {reason}; use --resume latest or --resume PATH")
         return path
@@ -980,10 +1180,12 @@ class Checkpointer:
         if not path.exists() and not path.is_absolute() and (self.directory / path).exists():
             path = self.directory / path
         if not path.exists():
-            raise UserError(f"checkpoint {spec} not found; pass an existing .pt file, or --resume latest")
-        if path.is_dir():
+            raise UserError(f"checkpoint {spec} not found; pass an existing .pt file or .dcp directory, "
+                            "or --resume latest")
+        if path.is_dir() and not is_dcp(path):
             raise UserError(
-                f"{spec} is a directory; pass a checkpoint file, or --checkpoint_dir {spec} --resume latest"
+                f"{spec} is a directory, not a DCP checkpoint; pass a checkpoint, or --checkpoint_dir {spec} "
+                "--resume latest"
             )
         status, reason, _ = _inspect(path, full=True)
         if status == NO_SIDECAR:
@@ -1001,23 +1203,31 @@ class Checkpointer:
     def load(self, path: Path) -> dict:
         """torch.load(path, map_location="cpu", weights_only=True) of a checkpoint to resume.
 
+        Of a DCP directory, its train_state.pt, with "dcp": the directory in place of the model
+        and optimizer state (common.parallel.load_weights reads them from the parts).
         UserError when that fails, or when the result lacks a key a resume reads (RESUME_KEYS):
         an exported weights-only file or a foreign file is refused in one line.
         """
         import torch
 
+        path = Path(path)
+        dcp = path.is_dir()
         try:
             # mmap: the ranks of a node share one copy of the file in the page cache.
-            state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path / DCP_TRAIN_STATE if dcp else path, map_location="cpu", weights_only=True,
+                               mmap=True)
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot load checkpoint {path}: {first}") from err
-        missing = [key for key in RESUME_KEYS if key not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+        keys = DCP_RESUME_KEYS if dcp else RESUME_KEYS
+        missing = [key for key in keys if key not in state] if isinstance(state, dict) else list(keys)
         if missing:
             raise UserError(
                 f"cannot resume from {path}: it has no {', '.join(missing)} (not a checkpoint the trainer saved; "
                 "an exported file holds weights only)"
             )
+        if dcp:
+            state["dcp"] = str(path)
         return state
 
 
@@ -1069,17 +1279,18 @@ def _listing(directory: Path, infos: list[CheckpointInfo], *, verified: bool) ->
     latest = next((i for i in _latest_candidates(infos) if i.valid), None)
     if latest is not None:
         notes[latest.name].append("<- latest")
-    if any(i.name == "best.pt" and i.valid for i in infos):
-        notes["best.pt"].append("<- best")
+    best = next(iter(_newest_first(i for i in infos if i.path.stem == "best" and i.valid)), None)
+    if best is not None:
+        notes[best.name].append("<- best")
     by_file: dict[tuple[int, int], list[str]] = {}
     for info in infos:
         with contextlib.suppress(OSError):
-            st = info.path.stat()
-            by_file.setdefault((st.st_dev, st.st_ino), []).append(info.name)
+            by_file.setdefault(_file_identity(info.path), []).append(info.name)
     for names in by_file.values():
         for name in names:
             if len(names) > 1:
-                notes[name].append("same file as " + ", ".join(n for n in names if n != name))
+                same = "same files as " if name.endswith(DCP_SUFFIX) else "same file as "
+                notes[name].append(same + ", ".join(n for n in names if n != name))
 
     table = [("NAME", "STEP", "EPOCH", "VAL_LOSS", "WRITTEN", "SIZE", "STATUS", "NOTE")]
     for info in infos:
@@ -1113,11 +1324,12 @@ def _main(argv: list[str] | None = None) -> int:
     """List a checkpoint directory; exit status 1 when a name is not usable, 2 for a bad directory."""
     parser = argparse.ArgumentParser(
         prog="python -m common.checkpoint",
-        description="List checkpoints with step, epoch, val loss, write time, size and validity, from their "
-                    "sidecars (no torch).",
+        description="List checkpoints (.pt files and .dcp directories) with step, epoch, val loss, write time, "
+                    "size and validity, from their sidecars (no torch).",
     )
     parser.add_argument("directory", nargs="?", default="checkpoints", type=Path)
-    parser.add_argument("--verify", action="store_true", help="also compare every sha256 (reads every file)")
+    parser.add_argument("--verify", action="store_true",
+                        help="also compare every sha256 (reads every file, every part of a .dcp directory)")
     parser.add_argument("--json", action="store_true", help="one JSON object per checkpoint name")
     args = parser.parse_args(argv)
     if not args.directory.is_dir():

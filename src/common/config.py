@@ -93,7 +93,9 @@ class TrainConfig:
     seed: int = _field(1337, ge=0)
     device: str = _field("auto", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = _field("auto", choices=("auto", "float32", "bfloat16"))  # auto: bf16 on CUDA, fp32 elsewhere
-    compile: bool | None = None  # None: on for CUDA, off elsewhere
+    compile: bool | None = None  # None: on for CUDA, off elsewhere (per block under fsdp)
+    parallel: str = _field("ddp", choices=("ddp", "fsdp"))  # fsdp: parameters, gradients, optimizer state sharded
+    activation_checkpointing: str = _field("none", choices=("none", "full"))  # full: recompute each block's activations
     fused_ce: str = _field("auto", choices=("auto", "on", "off"))  # chunked linear + cross-entropy in training
     cpu_threads: int = _field(0, ge=0)  # 0: cores divided among the ranks on this node
 

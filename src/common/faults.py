@@ -32,6 +32,7 @@ import torch
 
 from common.errors import UserError
 from common.fsutil import atomic_write_text
+from common.parallel import local_tensor
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class FaultPlan:
         """nan_grad: a finite loss, but one gradient entry NaN on this rank only."""
         if self._hits("nan_grad", step):
             grad = next(p.grad for p in model.parameters() if p.grad is not None)
-            grad.view(-1)[0] = float("nan")
+            local_tensor(grad).view(-1)[0] = float("nan")  # under fsdp: this rank's shard
 
 
 # ----------------------------------------------------------------------------- skip decision

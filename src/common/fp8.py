@@ -27,6 +27,16 @@ suite is known to need it.
   2.x tag up to v2.18, on release_v2.19 and at the 2.20.0.dev0 head (linear.py; jit.py's
   decorator wraps it in ``torch._dynamo.disable``), so a compiled model of TE linears breaks its
   graph at every linear: a TE model is never compiled here.
+* FSDP2 (``torch.distributed.fsdp.fully_shard``): no TE release documents it for
+  ``te.pytorch.Linear``. TE's docs/ mention FSDP2 nowhere at any tag through v2.18 nor at the
+  head; the Linear docstring neither. What exists is code and tests: FP8 all-gather hooks for
+  Float8Tensor (v2.0, PR 1358), "FSDP2 Support for TE" (v2.10, PR 2245), ``is_fsdp2`` paths in
+  module/linear.py that skip the cached FP8 weight workspace (v2.16, PR 2805, a fix of FSDP2
+  memory leaks), DCP loading fixes (v2.17, PR 2974); the one user-facing example
+  (examples/pytorch/quantized_model_init/fully_shard.py, from v2.14) shards ``TransformerLayer``
+  with TE's own FusedAdam, not the suite's GPT of ``Linear`` layers. So ``--parallel fsdp`` with
+  TE linears is refused (``check_parallel``); without FP8 (no --use_fp8, or the fallback) the
+  plain model is sharded as train_improved.py shards it.
 * Extra state: each TE module stores its FP8 scaling state as ``<prefix>._extra_state``, a uint8
   tensor holding a pickle. In v2.16.1, v2.17.1 and from v2.18 on (TE pull request 3123, not in 2.17.0;
   transformer_engine/pytorch/_extra_state.py and module/base.py's ``set_extra_state``),
@@ -53,6 +63,7 @@ import torch
 from .config import FP8TrainConfig
 from .errors import UserError
 from .model import LinearFactory
+from .parallel import load_full_state
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +329,15 @@ def plan_precision(cfg: FP8TrainConfig, device: torch.device, plain_precision: s
                          f"{plain_precision} instead", fallback=True, te=te)
 
 
+def check_parallel(plan: PrecisionPlan, parallel: str) -> None:
+    """Refuse to shard TE linears with FSDP2 (undocumented by TE: see the module docstring)."""
+    if plan.use_fp8 and parallel == "fsdp":
+        version = plan.te.version if plan.te else "?"
+        raise UserError(f"--parallel fsdp with --use_fp8: TransformerEngine {version} does not document FSDP2 "
+                        "(fully_shard) for te.pytorch.Linear (no release up to 2.18 does); use --parallel ddp "
+                        "for FP8, or --parallel fsdp without --use_fp8")
+
+
 # ----------------------------------------------------------------------------- the FP8 forward
 
 class FP8Forward:
@@ -471,4 +491,4 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, Any], trus
                     "the weights load and FP8 scaling starts afresh", len(pickled))
         state.update({k: torch.empty(0, dtype=torch.uint8) for k in pickled})
     with _te_may_unpickle_extra_state() if pickled and trusted else contextlib.nullcontext():
-        model.load_state_dict(state)
+        load_full_state(model, state)

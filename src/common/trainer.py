@@ -28,17 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import __version__
 from common.checkpoint import Checkpointer, estimate_state_bytes, validate_checkpoint
 from common.config import C, TrainConfig, config_to_dict, git_commit, handle_config_actions, parse_args
 from common.data import DatasetIndex, ShardedTrainLoader, ValReader
+from common.dcp_checkpoint import DCPCheckpointer
 from common.dist import (
     DistContext,
     all_gather_objects,
     all_reduce_mean,
     all_reduce_sum,
+    broadcast_object,
     destroy,
     gather_objects,
     init_distributed,
@@ -63,6 +64,17 @@ from common.metrics import (
 )
 from common.model import GPT, GPTConfig
 from common.optim import build_adamw, lr_at
+from common.parallel import (
+    LocalShards,
+    checkpoint_weights,
+    clip_grad_norm,
+    gradient_sync,
+    is_sharded,
+    load_full_state,
+    load_weights,
+    local_tensor,
+    wrap_model,
+)
 from common.resume import RunPlan, resolve_run
 from common.rng import capture_rng_state, restore_rng_state
 from common.signals import GracefulShutdown
@@ -90,7 +102,7 @@ class ModelSpec:
     # Loads a checkpoint's model state into the unwrapped model, strictly. The bool: the file's
     # sha256 was verified against the sidecar the suite wrote (FP8 scaling state is a pickle).
     load_state: Callable[[torch.nn.Module, Mapping[str, Any], bool], None] = (
-        lambda model, state, trusted: model.load_state_dict(state))
+        lambda model, state, trusted: load_full_state(model, state))
 
 
 def resolve_autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -176,14 +188,18 @@ class Trainer:
             _, hf_state = read_hf_model(cfg.init_from, block_size=cfg.block_size)
             spec.load_state(self.raw_model, hf_state, False)
             log.info("weights from the Hugging Face model in %s (continued pretraining)", cfg.init_from)
+        self.model = self._wrap(self.raw_model)  # under fsdp the same object, its parameters now shards
         self.optimizer = build_adamw(self.raw_model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                      betas=(cfg.beta1, cfg.beta2))
         self.loader = ShardedTrainLoader(cfg.data_dir, block_size=cfg.block_size,
                                          micro_batch_size=cfg.batch_size, grad_accum_steps=self.grad_accum,
                                          rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
                                          device=ctx.device, vocab_size=cfg.vocab_size, ctx=ctx)
-        self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep_rolling=cfg.keep_rolling, keep_epoch=cfg.keep_epoch,
-                                         async_save=cfg.async_checkpoint, enabled=ctx.is_main)
+        self.checkpointer = DCPCheckpointer(cfg.checkpoint_dir, ctx=ctx, keep_rolling=cfg.keep_rolling,
+                                            keep_epoch=cfg.keep_epoch, async_save=cfg.async_checkpoint) \
+            if cfg.parallel == "fsdp" else \
+            Checkpointer(cfg.checkpoint_dir, keep_rolling=cfg.keep_rolling, keep_epoch=cfg.keep_epoch,
+                         async_save=cfg.async_checkpoint, enabled=ctx.is_main)
         self.guard = SpikeGuard(zscore=cfg.spike_zscore, window=cfg.spike_window, device=ctx.device)
         self.recovery = Recovery(cfg.max_consecutive_skips, cfg.max_rollbacks)
         self.agreement = StepAgreement(ctx)
@@ -204,7 +220,6 @@ class Trainer:
         self._rng_to_restore: dict[str, Any] | None = None
         if plan.checkpoint is not None:
             self._restore(plan.checkpoint, plan.path, plan.verified)
-        self.model = self._wrap(self.raw_model)
         self.run_logger = RunLogger(Path(cfg.log_dir), enabled=ctx.is_main, use_tensorboard=cfg.use_tensorboard,
                                     use_wandb=cfg.use_wandb, config=config_to_dict(cfg),
                                     resume_step=self.step if plan.checkpoint is not None else None,
@@ -254,8 +269,8 @@ class Trainer:
 
     def _load_weights(self, ckpt: dict[str, Any], verified: bool) -> None:
         """Model, optimizer and skip-window state of a checkpoint (a resume or a rollback)."""
-        self.spec.load_state(self.raw_model, ckpt["model"], verified)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_weights(self.raw_model, self.optimizer, ckpt, lambda state: self.spec.load_state(self.raw_model, state,
+                                                                                              verified))
         if ckpt.get("guard"):
             self.guard.load_state_dict(ckpt["guard"])
 
@@ -264,13 +279,9 @@ class Trainer:
         if use_compile and not self.spec.allow_compile:
             log.info("torch.compile disabled for this model (see the precision log line above)")
             use_compile = False
-        if use_compile:
-            model = torch.compile(model)
-        if self.ctx.distributed:
-            device_ids = [self.ctx.local_rank] if self.ctx.device.type == "cuda" else None
-            # Gradients live in DDP's buckets: no copy between them and .grad.
-            model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
-        return model
+        return wrap_model(model, parallel=self.cfg.parallel, ctx=self.ctx, use_compile=use_compile,
+                          activation_checkpointing=self.cfg.activation_checkpointing,
+                          bf16_compute=self.spec.autocast_dtype == torch.bfloat16)
 
     def _peak_flops(self) -> tuple[float | None, str]:
         peak = gpu_peak_flops(self.ctx.device)
@@ -301,13 +312,17 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------
 
     def _checkpoint_state(self) -> dict[str, Any] | None:
-        """Collective: every rank contributes its RNG state; rank 0 gets the full dict."""
+        """Collective: every rank contributes its RNG state; rank 0 gets the full dict (and under
+        fsdp every other rank its shards of the model and optimizer state)."""
         rng_states = gather_objects(capture_rng_state(), self.ctx)
-        if not self.ctx.is_main:
+        sharded = self.checkpointer.collective
+        if not (self.ctx.is_main or sharded):
             return None
+        weights = checkpoint_weights(self.raw_model, self.optimizer, sharded=sharded)
+        if not self.ctx.is_main:
+            return weights
         return {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **weights,
             "step": self.step,
             "epoch": self.epochs_completed(),
             "val_loss": self.last_val_loss,
@@ -343,16 +358,25 @@ class Trainer:
         if "latest" in tiers:
             self.latest_saved_step = self.step
         state = self._checkpoint_state()
-        rank0_decides(lambda: self.checkpointer.save(state, step=self.step, epoch=self.epochs_completed(),
-                                                     val_loss=self.last_val_loss, tiers=tiers, wait=wait), self.ctx)
-        name = next(f"{tier}.pt" for tier in ("latest", "final", "best") if tier in tiers) \
-            if tiers & {"latest", "final", "best"} else f"epoch_{self.epochs_completed():03d}.pt"
+        self._on_saving_ranks(lambda: self.checkpointer.save(state, step=self.step, epoch=self.epochs_completed(),
+                                                             val_loss=self.last_val_loss, tiers=tiers, wait=wait))
+        suffix = self.checkpointer.suffix
+        name = next(f"{tier}{suffix}" for tier in ("latest", "final", "best") if tier in tiers) \
+            if tiers & {"latest", "final", "best"} else f"epoch_{self.epochs_completed():03d}{suffix}"
         self.last_good = (str(Path(self.cfg.checkpoint_dir) / name), self.step)
+
+    def _on_saving_ranks(self, work: Callable[[], None]) -> None:
+        """A checkpointer call: on every rank for sharded checkpoints (their failures reach every
+        rank inside), else on rank 0 with its failure handed to every rank."""
+        if self.checkpointer.collective:
+            work()
+        else:
+            rank0_decides(work, self.ctx)
 
     def _weights_finite(self) -> bool:
         bad = torch.zeros((), device=self.ctx.device)
         for p in self.raw_model.parameters():
-            bad += (~torch.isfinite(p.detach())).any().float()
+            bad += (~torch.isfinite(local_tensor(p.detach()))).any().float()
         return all_reduce_sum(bad, self.ctx).item() == 0
 
     # -- evaluation ------------------------------------------------------------------------
@@ -381,16 +405,23 @@ class Trainer:
         return loss, accuracy
 
     def sample_text(self) -> str | None:
-        if self.tokenizer is None:
+        """A text sample (rank 0's tokenizer). Under fsdp every rank calls this and runs the same
+        forward passes (each gathers the weights); rank 0 returns the text."""
+        sharded = is_sharded(self.raw_model)
+        prompt = None
+        if self.tokenizer is not None:
+            prompt = self.tokenizer.encode(self.cfg.sample_prompt) or [self.index.eot_token]
+        if sharded:
+            prompt = broadcast_object(prompt, self.ctx)
+        if prompt is None:
             return None
         self.raw_model.eval()
-        prompt = self.tokenizer.encode(self.cfg.sample_prompt) or [self.index.eot_token]
         idx = torch.tensor([prompt], dtype=torch.long, device=self.ctx.device)
         generator = torch.Generator(device=self.ctx.device).manual_seed(self.cfg.seed + self.step)
         with self._autocast():
             out = self.raw_model.generate(idx, self.cfg.sample_tokens, generator=generator)
         self.raw_model.train()
-        return self.tokenizer.decode(out[0].tolist())
+        return self.tokenizer.decode(out[0].tolist()) if self.tokenizer is not None else None
 
     def _evaluate_and_log(self) -> bool:
         """Evaluate, log, sample; True when the val loss is the best so far."""
@@ -424,10 +455,14 @@ class Trainer:
 
     def _rank0_extras(self) -> None:
         """Work rank 0 does alone at an evaluation (text sample, charts), the others waiting on the
-        control group (long timeout)."""
+        control group (long timeout). Under fsdp the sample is generated by every rank first."""
+        sample_due = bool(self.cfg.eval_freq and self.step % self.cfg.eval_freq == 0)
+        sharded = is_sharded(self.raw_model)
+        sharded_text = self.sample_text() if sample_due and sharded else None
+
         def work() -> None:
-            if self.cfg.eval_freq and self.step % self.cfg.eval_freq == 0:
-                text = self.sample_text()
+            if sample_due:
+                text = sharded_text if sharded else self.sample_text()
                 if text is not None:
                     self.run_logger.log_sample(self.step, text, prompt=self.cfg.sample_prompt)
             if self.cfg.viz_freq and self.step % self.cfg.viz_freq == 0:
@@ -457,9 +492,7 @@ class Trainer:
         for micro in range(self.grad_accum):
             x, y = self._next_batch()
             # Gradients are all-reduced only on the last micro-step.
-            last = micro == self.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.model.no_sync()
-            with sync:
+            with gradient_sync(self.model, last_micro_step=micro == self.grad_accum - 1):
                 with self._autocast(), self.spec.forward_context(micro == 0):
                     _, loss = self.model(x, y)
                 loss = self.faults.loss(step, loss)
@@ -467,9 +500,10 @@ class Trainer:
             loss_sum += loss.detach()
         self.faults.after_backward(step, self.raw_model)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = clip_grad_norm(self.model.parameters(), clip)
         if cfg.histogram_freq and step % cfg.histogram_freq == 0:
-            self.run_logger.log_histograms(step, self.raw_model)  # while the gradients exist
+            model = LocalShards(self.raw_model) if is_sharded(self.raw_model) else self.raw_model
+            self.run_logger.log_histograms(step, model)  # while the gradients exist
         failure = self._local_failure()
         agreed = self.agreement.reduce(loss_sum / self.grad_accum, grad_norm, stop=self.shutdown.requested,
                                        failed=failure is not None)
@@ -607,7 +641,7 @@ class Trainer:
                      "with a larger --max_steps (make train ARGS='--max_steps %d')", self.step, self.max_steps,
                      max(2 * self.step, self.step + 100))
             return 0
-        estimate = estimate_state_bytes(self.raw_model, self.optimizer)
+        estimate = self.checkpointer.total_bytes(estimate_state_bytes(self.raw_model, self.optimizer))
         rank0_decides(lambda: self.checkpointer.prepare(estimate), ctx)
         self._log_start()
         self.progress = _Progress(ctx.is_main, self.step, self.max_steps, cfg.log_freq)
@@ -677,9 +711,10 @@ class Trainer:
 
     def _shutdown_save(self) -> None:
         self.heartbeat.beat(self.step, "shutdown save")
-        log.warning("stopping: saving step %d to %s/latest.pt", self.step, self.cfg.checkpoint_dir)
+        log.warning("stopping: saving step %d to %s/latest%s", self.step, self.cfg.checkpoint_dir,
+                    self.checkpointer.suffix)
         if self.latest_saved_step == self.step:
-            rank0_decides(self.checkpointer.wait, self.ctx)  # this step's latest.pt is already being written
+            self._on_saving_ranks(self.checkpointer.settle)  # this step's latest is already being written
         else:
             self.save({"latest"}, wait=True)
         self.heartbeat.beat(self.step, "stopped")  # the save is complete (a job script may requeue now)
@@ -715,7 +750,7 @@ class Trainer:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.checkpointer.wait()
+            self.checkpointer.close()
         self.run_logger.close()
         self.loader.close()
 
