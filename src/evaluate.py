@@ -4,11 +4,12 @@
     torchrun --standalone --nproc_per_node=4 src/evaluate.py checkpoints/best.pt --task hellaswag \\
         --data Rowan/hellaswag
 
-CHECKPOINT: a checkpoint of either trainer (or an export of one), or a local Hugging Face GPT-2
-directory. --data: HellaSwag's jsonl, a local dataset directory, or a Hugging Face dataset id
-(read with `datasets`). The text is tokenized with the tokenizer of the run's dataset (--tokenizer
-to choose another). Under torchrun each rank scores every W-th example; the result is exactly the
-one-process result. --out writes {"task", "examples", "acc", "acc_norm"} (rank 0).
+CHECKPOINT: a checkpoint of either trainer (a .pt file, a sharded .dcp directory of an fsdp run, or
+an export of one), or a local Hugging Face GPT-2 directory. --data: HellaSwag's jsonl, a local
+dataset directory, or a Hugging Face dataset id (read with `datasets`). The text is tokenized with
+the tokenizer of the run's dataset (--tokenizer to choose another). Under torchrun each rank
+scores every W-th example; the result is exactly the one-process result. --out writes {"task",
+"examples", "acc", "acc_norm"} (rank 0).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.checkpoint import is_dcp
 from common.dist import destroy, init_distributed
 from common.errors import UserError, run_cli
 from common.evals import TASKS, load_task, score
@@ -37,8 +39,8 @@ log = logging.getLogger("evaluate")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="evaluate.py", description="Score a checkpoint on a downstream task.")
-    parser.add_argument("checkpoint", type=Path, help="checkpoint (.pt) of either trainer, or a Hugging Face GPT-2 "
-                                                      "directory")
+    parser.add_argument("checkpoint", type=Path, help="checkpoint of either trainer (.pt or .dcp), or a Hugging "
+                                                      "Face GPT-2 directory")
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--data", required=True, help="the task's data: a local jsonl, a dataset directory, or a "
                                                       "Hugging Face dataset id")
@@ -50,10 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_model(path: Path) -> tuple[GPT, str | None]:
     """The model (fp32, eval mode) and the data directory its run trained on (None if unknown)."""
-    if path.is_dir():
+    if path.is_dir() and not is_dcp(path):
         cfg, state = read_hf_model(path)
         data_dir = None
-    elif path.is_file():
+    elif path.exists():
         ckpt, cfg, state = load_plain_model(path)
         data_dir = ckpt["config"].get("data_dir")
         data_dir = data_dir if isinstance(data_dir, str) and Path(data_dir).is_dir() else None

@@ -264,3 +264,16 @@ def test_a_row_longer_than_the_block_keeps_its_end() -> None:
     assert summed.tolist() == pytest.approx([2 * uniform, 3 * uniform])
     assert mean.tolist() == pytest.approx([uniform, uniform])
 
+
+
+def test_in_loop_scores_under_fsdp_equal_the_exported_weights_scores(prepared_data: Path, hellaswag_file: Path,
+                                                                     tmp_path: Path) -> None:
+    """Under --parallel fsdp the scoring pass gathers the sharded root (embeddings, head) as a
+    forward does: the step-4 score is evaluate.py's on the final DCP checkpoint."""
+    flags = [*_flags(tmp_path, prepared_data, hellaswag_file, "--parallel", "fsdp"), "--max_steps", "4"]
+    proc = run(torchrun_cmd("train_improved.py", 2, flags))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = hellaswag_rows([json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()])
+    assert [r["step"] for r in rows] == [2, 4]
+    alone = evaluate_ok(tmp_path / "ckpt" / "final.dcp", hellaswag_file, tmp_path / "alone.json")
+    assert (alone["acc"], alone["acc_norm"]) == (rows[1]["eval/hellaswag_acc"], rows[1]["eval/hellaswag_acc_norm"])

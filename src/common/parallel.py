@@ -119,7 +119,7 @@ def _checkpoint_activations(block: torch.nn.Module) -> None:
 
 def _fully_shard(model: torch.nn.Module, ctx: DistContext, bf16_compute: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -128,6 +128,8 @@ def _fully_shard(model: torch.nn.Module, ctx: DistContext, bf16_compute: bool) -
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root holds the embeddings (tied to the output head), the final norm and the head.
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    # Scoring (HellaSwag) calls GPT.logits, not forward: it must gather the root's shards too.
+    register_fsdp_forward_method(model, "logits")
 
 
 def gradient_sync(model: torch.nn.Module, last_micro_step: bool) -> ContextManager:
