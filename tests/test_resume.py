@@ -120,20 +120,21 @@ def no_dropout_reference(prepared_data: Path, tmp_path_factory: pytest.TempPathF
     return step_losses(ref_dir / "logs")
 
 
-@pytest.mark.parametrize("stopped, resumed, nproc", [("ddp", "ddp", 1), ("fsdp", "fsdp", 1), ("fsdp", "ddp", 2),
-                                                     ("ddp", "fsdp", 2)])
+@pytest.mark.parametrize("stopped, resumed, stopped_nproc, nproc", [
+    ("ddp", "ddp", 2, 1), ("fsdp", "fsdp", 2, 1), ("fsdp", "fsdp", 1, 2), ("fsdp", "ddp", 2, 2), ("ddp", "fsdp", 2, 2)])
 def test_stop_and_resume_on_another_world_size_or_mode(prepared_data: Path, tmp_path: Path, stopped: str,
-                                                       resumed: str, nproc: int,
+                                                       resumed: str, stopped_nproc: int, nproc: int,
                                                        no_dropout_reference: dict[int, float]) -> None:
-    """A 2-rank run stopped and resumed on 1 rank (DCP reshards a sharded checkpoint), or in the
-    other mode. Without dropout (one rank draws other masks than two): within fp32 noise of the
-    uninterrupted 2-rank DDP run."""
-    _interrupt(tmp_path, prepared_data, "train_improved.py", signal.SIGTERM, dropout="0", parallel=stopped)
+    """A 2-rank run stopped and resumed on 1 rank (DCP reshards a sharded checkpoint), a 1-rank
+    fsdp run resumed on 2, or a run resumed in the other mode. Without dropout (one rank draws
+    other masks than two): within fp32 noise of the uninterrupted 2-rank DDP run."""
+    _interrupt(tmp_path, prepared_data, "train_improved.py", signal.SIGTERM, dropout="0", parallel=stopped,
+               nproc=stopped_nproc)
     stopped_at = load_checkpoint(tmp_path / "ckpt" / f"latest{checkpoint_suffix(stopped)}")["step"]
     proc = train(tmp_path, prepared_data, *_flags("train_improved.py", "--resume", "latest", dropout="0",
                                                   parallel=resumed), nproc=nproc)
     assert f"resumed from {tmp_path / 'ckpt' / ('latest' + checkpoint_suffix(stopped))}" in proc.stderr
-    assert nproc == 2 or "world size changed from 2 to 1" in proc.stderr
+    assert nproc == stopped_nproc or f"world size changed from {stopped_nproc} to {nproc}" in proc.stderr
     assert load_checkpoint(tmp_path / "ckpt" / f"final{checkpoint_suffix(resumed)}")["step"] == STEPS
     losses = step_losses(tmp_path / "logs")
     for step in range(stopped_at + 1, STEPS + 1):
