@@ -395,7 +395,7 @@ class Trainer:
         totals = torch.zeros(2, device=self.ctx.device)  # loss, accuracy
         batches = 0
         for x, y in self.val_reader:
-            with self._autocast(), self.spec.forward_context(None):
+            with self._eval_forward():
                 logits, loss = self.model(x, y)
             totals[0] += loss.detach().float()
             totals[1] += (logits.argmax(dim=-1) == y).float().mean()
