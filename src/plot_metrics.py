@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run from any directory
 
+from common.background_charts import die_with_parent_if_asked  # noqa: E402
 from common.errors import run_cli  # noqa: E402
 from common.plots import write_plots  # noqa: E402
 
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    die_with_parent_if_asked()  # when the trainer started this process to draw its charts
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for path in write_plots(args.log_dir, args.out, args.window):
         print(path)

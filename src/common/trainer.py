@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from common import __version__
+from common.background_charts import BackgroundCharts
 from common.checkpoint import Checkpointer, estimate_state_bytes, validate_checkpoint
 from common.config import C, TrainConfig, config_to_dict, git_commit, handle_config_actions, parse_args
 from common.data import DatasetIndex, ShardedTrainLoader, ValReader
@@ -231,6 +232,8 @@ class Trainer:
                                                cfg.block_size)
         self.peak_flops, self.peak_source = self._peak_flops()
         self.tokenizer = self._load_tokenizer()
+        self.charts = BackgroundCharts(Path(cfg.log_dir)) if cfg.viz_freq and ctx.is_main else None
+        self.finished = False  # the run reached its end (not stopped, not failed)
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -465,16 +468,9 @@ class Trainer:
                 text = sharded_text if sharded else self.sample_text()
                 if text is not None:
                     self.run_logger.log_sample(self.step, text, prompt=self.cfg.sample_prompt)
-            if self.cfg.viz_freq and self.step % self.cfg.viz_freq == 0:
-                self._write_plots()
+            if self.charts is not None and self.step % self.cfg.viz_freq == 0:
+                self.charts.request()
         rank0_decides(work, self.ctx)
-
-    def _write_plots(self) -> None:
-        from common.plots import write_plots  # matplotlib only when charts are asked for
-        try:
-            write_plots(Path(self.cfg.log_dir))
-        except Exception as err:  # a chart must never end a run
-            log.warning("could not write the PNG charts: %s", err)
 
     # -- one step --------------------------------------------------------------------------
 
@@ -729,6 +725,7 @@ class Trainer:
             {"hparam/best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else float("nan"),
              "hparam/final_val_loss": self.last_val_loss if self.last_val_loss is not None else float("nan")})
         self.heartbeat.beat(self.step, "done")
+        self.finished = True
         log.info("done: %d steps, final val_loss %s, checkpoints in %s", self.step,
                  f"{self.last_val_loss:.4f}" if self.last_val_loss is not None else "n/a", self.cfg.checkpoint_dir)
 
@@ -749,6 +746,8 @@ class Trainer:
             log.info("MFU against %s: %.3g FLOP/s per rank", self.peak_source, self.peak_flops)
 
     def close(self) -> None:
+        if self.charts is not None:  # a finished run's last charts are drawn; a stopping run's are dropped
+            self.charts.close(wait=self.finished)
         with contextlib.suppress(Exception):
             self.checkpointer.close()
         self.run_logger.close()
