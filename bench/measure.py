@@ -174,6 +174,23 @@ def step_window(rows: Sequence[dict[str, Any]], event_freq: int) -> dict[str, An
     }
 
 
+def event_work(log_dir: Path, window: Sequence[dict[str, Any]], event_freq: int) -> dict[str, Any]:
+    """What the evaluations and text samples inside `window` took, by the trainer's own clock
+    (metrics.jsonl `val_seconds`, samples.jsonl `seconds`): the work the events do, which the bare
+    loop does not, as opposed to the trainer's machinery around it."""
+    steps = {r["step"] for r in window[:-1] if r["step"] % event_freq == 0}
+
+    def mean_at_events(path: Path, key: str) -> float | None:
+        if not path.exists():
+            return None
+        values = [row[key] for row in map(json.loads, path.read_text().splitlines())
+                  if row.get("step") in steps and key in row]
+        return statistics.mean(values) if values else None
+
+    return {"eval_s": mean_at_events(log_dir / "metrics.jsonl", "val_seconds"),
+            "sample_s": mean_at_events(log_dir / "samples.jsonl", "seconds")}
+
+
 def trainer_run(flags: Sequence[str], run_dir: Path, name: str, *, event_freq: int | None = None, warmup: int = 0,
                 after_step: int = 0, extra: Sequence[str] = ()) -> dict[str, Any]:
     """One src/train_improved.py process: its start-up, and with `event_freq` the figures of its
@@ -189,9 +206,10 @@ def trainer_run(flags: Sequence[str], run_dir: Path, name: str, *, event_freq: i
     rows = [r for r in read_rows(log_dir) if r["step"] > after_step]
     first = rows[0]
     to_first_row = first["time"] - process["launch_unix"]
+    window = [r for r in rows if r["step"] >= after_step + warmup]
     return {
         "process": process,
-        **(step_window([r for r in rows if r["step"] >= after_step + warmup], event_freq) if event_freq else {}),
+        **({**step_window(window, event_freq), **event_work(log_dir, window, event_freq)} if event_freq else {}),
         "first_row_step": first["step"],
         "launch_to_first_row_s": to_first_row,
         "first_step_s": first["step_time"],

@@ -74,7 +74,11 @@ metrics.jsonl rows, so everything between steps counts.
 `checkpoint_freq`; the same runs): the trainer's median step, plus the stall of an evaluation and
 checkpoint ({med(ov['event_s'], 2, ' s')}: the time between two steps, row `time` minus the next row's
 `step_time`, beyond the median such gap) divided by their frequency, against the bare loop's
-median step. Medians resist the bursts of a shared machine, but miss a cost that recurs less
+median step. Of that stall, the evaluation's forward passes took {med(ov['eval_s'], 2, ' s')} and the
+text sample {med(ov['sample_s'], 2, ' s')} (the trainer's own clock: metrics.jsonl `val_seconds`,
+samples.jsonl `seconds`), work the bare loop does not do; without them, the trainer's machinery
+(checkpoint snapshot, logging, signal agreement) costs {med(ov['machinery_pct'], 1, '%')} every {f} steps.
+Medians resist the bursts of a shared machine, but miss a cost that recurs less
 often than every other step, such as the async checkpoint's write competing with the next steps
 for the cores; the end-to-end figure (the window's means) holds all of it, bursts included:
 {med(ov['end_to_end_pct'], 1, '%')} every {f} steps.

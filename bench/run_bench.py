@@ -78,7 +78,7 @@ def overhead_section(mode: dict[str, Any], model_flags: list[str], work: Path) -
     steps, warmup, freq = mode["steps"], mode["warmup"], mode["event_freq"]
     features = ["--use_tensorboard", "true", "--eval_freq", str(freq), "--checkpoint_freq", str(freq),
                 "--async_checkpoint", "true", "--eval_batches", str(mode["eval_batches"]),
-                "--sample_tokens", str(mode["sample_tokens"]), "--histogram_freq", "0"]
+                "--sample_tokens", str(mode["sample_tokens"]), "--viz_freq", str(freq), "--histogram_freq", "0"]
     run_flags = [*model_flags, "--max_steps", str(steps)]
     resume_flags = [*model_flags, "--max_steps", str(steps + mode["resume_steps"]), *features]
     resumed: dict[int, dict[str, Any]] = {}
@@ -103,18 +103,23 @@ def overhead_section(mode: dict[str, Any], model_flags: list[str], work: Path) -
 def summarize_overhead(rounds: list[dict[str, Any]], features: list[str], mode: dict[str, Any]) -> dict[str, Any]:
     """Per round: the end-to-end overhead (window means, bursts of machine load included) and the
     overhead of the median step plus the events' extra seconds spread over their frequency."""
-    def per_step(r: dict[str, Any], freq: int) -> float:
-        t = r["trainer"]
-        return 100 * ((t["step_median_s"] + t["event_s"] / freq) / r["bare"]["step_median_s"] - 1)
+    def per_step(r: dict[str, Any], freq: int, event_s: float) -> float:
+        return 100 * ((r["trainer"]["step_median_s"] + event_s / freq) / r["bare"]["step_median_s"] - 1)
 
     for r in rounds:
-        r["end_to_end_pct"] = 100 * (r["trainer"]["step_s"] / r["bare"]["step_s"] - 1)
-        r["overhead_pct"], r["preset_overhead_pct"] = per_step(r, mode["event_freq"]), per_step(r, PRESET_FREQ)
+        t = r["trainer"]
+        work_s = (t["eval_s"] or 0.0) + (t["sample_s"] or 0.0)
+        r["end_to_end_pct"] = 100 * (t["step_s"] / r["bare"]["step_s"] - 1)
+        r["overhead_pct"] = per_step(r, mode["event_freq"], t["event_s"])
+        r["preset_overhead_pct"] = per_step(r, PRESET_FREQ, t["event_s"])
+        # The trainer's machinery alone: the events' stall without the evaluation's and the text
+        # sample's own forward passes, work the bare loop does not do.
+        r["machinery_pct"] = per_step(r, mode["event_freq"], t["event_s"] - work_s)
     return {"features": features, "steps": mode["steps"], "warmup": mode["warmup"], "event_freq": mode["event_freq"],
             "preset_freq": PRESET_FREQ, "rounds": rounds,
             **{key: spread([r[key] for r in rounds]) for key in ("end_to_end_pct", "overhead_pct",
-                                                                 "preset_overhead_pct")},
-            "event_s": spread([r["trainer"]["event_s"] for r in rounds])}
+                                                                 "preset_overhead_pct", "machinery_pct")},
+            **{key: spread([r["trainer"][key] or 0.0 for r in rounds]) for key in ("event_s", "eval_s", "sample_s")}}
 
 
 def derived_sections(ov: dict[str, Any], mode: dict[str, Any]) -> dict[str, Any]:
@@ -286,6 +291,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
          "value": pm["peak_ratio"]["median"], "met": pm["peak_ratio"]["median"] <= FSDP_MEMORY_TARGET},
         {"target": f"trainer overhead <= {OVERHEAD_TARGET_PCT:g}%, events every {ov['event_freq']} steps",
          "value": ov["overhead_pct"]["median"], "met": ov["overhead_pct"]["median"] <= OVERHEAD_TARGET_PCT},
+        {"target": f"trainer machinery (overhead without the evaluation's and sample's forward passes) <= "
+                   f"{OVERHEAD_TARGET_PCT:g}%, events every {ov['event_freq']} steps",
+         "value": ov["machinery_pct"]["median"], "met": ov["machinery_pct"]["median"] <= OVERHEAD_TARGET_PCT},
         {"target": f"trainer overhead <= {OVERHEAD_TARGET_PCT:g}%, events every {ov['preset_freq']} steps",
          "value": ov["preset_overhead_pct"]["median"],
          "met": ov["preset_overhead_pct"]["median"] <= OVERHEAD_TARGET_PCT},

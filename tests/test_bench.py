@@ -42,7 +42,8 @@ def _bare(step_s: float) -> dict[str, Any]:
 def _trainer(step_s: float, event_s: float) -> dict[str, Any]:
     return {"process": _process(650.0), "steps": 5, "seconds": 5 * step_s, "step_s": step_s,
             "tokens_per_sec": 64 / step_s, "step_median_s": step_s - event_s / 2, "events": 2,
-            "event_s": event_s, "first_row_step": 1, "launch_to_first_row_s": 4.2,
+            "event_s": event_s, "eval_s": event_s / 2, "sample_s": event_s / 4, "first_row_step": 1,
+            "launch_to_first_row_s": 4.2,
             "first_step_s": 0.2, "startup_s": 4.0, "cuda_peak_allocated_mb": None, "checkpoint_mb": 19.5}
 
 
@@ -134,6 +135,9 @@ def test_report_has_every_section_and_rejects_malformed_figures() -> None:
     ov = results["overhead"]
     assert ov["preset_overhead_pct"]["median"] < ov["overhead_pct"]["median"]
     assert ov["overhead_pct"]["median"] == pytest.approx(ov["end_to_end_pct"]["median"])  # canned: no noise
+    # Without the evaluation's and sample's work (3/4 of each stall): (median + stall / 4 / 2) / bare - 1.
+    assert [r["machinery_pct"] for r in ov["rounds"]] == pytest.approx([2.5, -3.125])
+    assert "costs -0.3%" in text and "forward passes took 0.01 s" in text
     assert "| fsdp / ddp |  |  |  | **0.50 (0.50..0.50)** | **0.60 (0.60..0.60)** |" in text
     targets = {t["target"]: t["met"] for t in results["targets"]}
     assert targets["fsdp parameters + gradients + optimizer state per rank <= 0.55x ddp's"] is True
@@ -195,6 +199,7 @@ def test_tiny_real_measurement_reaches_the_report(tmp_path: Path, prepared_data:
     (r,) = ov["rounds"]
     assert r["trainer"]["steps"] == r["bare"]["steps"] == MODE["steps"] - MODE["warmup"]
     assert r["trainer"]["events"] == 2  # after steps 2 and 4 (the one after step 6 ends the run)
+    assert r["trainer"]["eval_s"] > 0 and r["trainer"]["sample_s"] > 0  # the trainer's own clock, read back
     assert r["resumed"]["first_row_step"] == MODE["steps"] + 1
     for run in (r["bare"], r["trainer"], r["resumed"]):
         assert run["process"]["peak_rss_mb"] > 100

@@ -110,9 +110,9 @@ def test_tensorboard_scalars_histograms_text_hparams(tmp_path: Path) -> None:
         for step in range(1, 11):
             run.log_step(step, step_metrics(step))
             if step % 5 == 0:
-                run.log_eval(step, 5.0 - step / 10)
+                run.log_eval(step, 5.0 - step / 10, seconds=None if step == 5 else 0.25)
                 run.log_histograms(step, tiny_model())
-                run.log_sample(step, f"sample {step}:\n  indented line")
+                run.log_sample(step, f"sample {step}:\n  indented line", seconds=None if step == 5 else 0.5)
         run.log_hparams({"learning_rate": 6e-4, "model": {"n_layer": 2}, "device": "cpu", "betas": (0.9, 0.95),
                          "compile": False, "warmup": None}, {"hparam/best_val_loss": 4.0})
 
@@ -158,6 +158,10 @@ def test_tensorboard_scalars_histograms_text_hparams(tmp_path: Path) -> None:
     assert rows[0] == {"step": 1, **step_metrics(1)}  # with its "time"
     evals = [r for r in rows if "val_loss" in r]
     assert evals[0] == {"step": 5, "val_loss": 4.5, "val_perplexity": pytest.approx(math.exp(4.5))}
+    assert evals[1] == {"step": 10, "val_loss": 4.0, "val_perplexity": pytest.approx(math.exp(4.0)),
+                        "val_seconds": 0.25}  # an evaluation's cost: metrics.jsonl only, no chart
+    assert not [t for t in tags["scalars"] if "seconds" in t]
+    assert [r.get("seconds") for r in read_jsonl(tmp_path / "samples.jsonl")] == [None, 0.5]
 
 
 def test_resume_after_stop_logs_every_step_exactly_once(tmp_path: Path) -> None:

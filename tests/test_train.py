@@ -1,6 +1,7 @@
 """train_improved.py under real torchrun on CPU (gloo): training, determinism, two nodes, refusals."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,9 @@ def test_two_ranks_train_and_log_each_step_once(two_rank_runs: list[Path]) -> No
     losses = [r["loss"] for r in steps]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # clearly falling
     assert [r["step"] for r in evals] == [5, 10, STEPS]
+    assert all(0 < r["val_seconds"] < 60 for r in evals), evals  # what each evaluation cost the run
+    samples = [json.loads(line) for line in (tmp / "logs" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [5, 10] and all(0 < r["seconds"] < 60 for r in samples), samples
     ckpt = load_checkpoint(tmp / "ckpt" / "latest.pt")
     assert ckpt["step"] == STEPS and ckpt["meta"]["world_size"] == 2
     assert {"model", "optimizer", "val_loss", "config", "data_state", "rng", "epoch", "best_val_loss"} <= ckpt.keys()

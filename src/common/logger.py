@@ -476,17 +476,20 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb_call("log", self._wandb.log, scalars, step=int(step))
 
-    def log_eval(self, step: int, val_loss: float, accuracy: float | None = None) -> None:
+    def log_eval(self, step: int, val_loss: float, accuracy: float | None = None,
+                 seconds: float | None = None) -> None:
         """One evaluation: validation loss, perplexity and next-token accuracy (a fraction) when given
         (metrics.jsonl keys val_loss, val_perplexity, val_accuracy; tags val/loss, val/perplexity,
-        val/accuracy), and in the charts also the best validation loss so far."""
+        val/accuracy), and in the charts also the best validation loss so far. `seconds`, what the
+        evaluation took, goes to metrics.jsonl only (val_seconds): what an evaluation costs a run."""
         if not self.enabled or self._closed:
             return
         val_loss = float(_plain(val_loss))
         values = {"loss": val_loss, "perplexity": perplexity(val_loss)}
         if accuracy is not None:
             values["accuracy"] = float(_plain(accuracy))
-        self._write_row({"step": int(step), **{f"val_{k}": v for k, v in values.items()}})
+        timing = {"val_seconds": float(seconds)} if seconds is not None else {}
+        self._write_row({"step": int(step), **{f"val_{k}": v for k, v in values.items()}, **timing})
         self._last_step = max(self._last_step, int(step))
         scalars = {f"val/{k}": v for k, v in values.items()}
         if math.isfinite(val_loss):
@@ -495,13 +498,15 @@ class RunLogger:
             scalars[BEST_VAL_LOSS_TAG] = self._best_val_loss
         self._scalars(step, scalars)
 
-    def log_sample(self, step: int, text: str, prompt: str = "") -> None:
+    def log_sample(self, step: int, text: str, prompt: str = "", seconds: float | None = None) -> None:
         """A generated text sample (the prompt and what the model wrote after it): the log, a
-        samples.jsonl row {"step", "prompt", "text"}, TensorBoard's Text tab, a wandb table."""
+        samples.jsonl row {"step", "prompt", "text"} (plus "seconds", the generation's time, when
+        given), TensorBoard's Text tab, a wandb table."""
         if not self.enabled or self._closed:
             return
         log.info("sample at step %d:\n%s", step, text)
-        self._write_row({"step": int(step), "prompt": prompt, "text": text}, self._samples_file)
+        timing = {"seconds": float(seconds)} if seconds is not None else {}
+        self._write_row({"step": int(step), "prompt": prompt, "text": text, **timing}, self._samples_file)
         if self._writer is not None:
             # A fenced block keeps the model's whitespace and stops markdown from reflowing it.
             self._writer.add_text(SAMPLE_TAG, f"```\n{text}\n```", int(step))
