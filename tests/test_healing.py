@@ -134,9 +134,12 @@ def test_stop_and_resume_across_skips_and_a_rollback_is_exact(prepared_data: Pat
 
 
 def test_a_hung_rank_ends_the_run_and_resume_continues(prepared_data: Path, tmp_path: Path) -> None:
+    """Rank 1 hangs for good; rank 0's next collective times out (a step takes well under a second
+    here, so 10 s of silence is a hang, not a slow step) and ends the run; torchrun then SIGKILLs
+    the hung rank, which ignores its SIGTERM, after its fixed 30 s."""
     proc = start(torchrun_cmd("train_improved.py", 2, [*TINY_FLAGS, *run_dirs(tmp_path, prepared_data),
                                                        *_flags("--inject_fault", "hang@8:1",
-                                                               "--collective_timeout_s", "20")]))
+                                                               "--collective_timeout_s", "10")]))
     try:
         wait_for_step(tmp_path / "logs", 5, proc)
         tree = process_tree(proc)
