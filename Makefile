@@ -62,10 +62,11 @@ train: data
 
 # Two workers, a test file each: most multi-process tests spend part of their time waiting (signals,
 # timeouts, start-up), so two files at once finish the suite in about three quarters of the time on
-# 2 cores. PYTEST_WORKERS=0 runs it in this process.
+# 2 cores. Files are handed out in the order tests/conftest.py collects them (longest first, so both
+# workers end together), not xdist's (most tests first). PYTEST_WORKERS=0 runs it in this process.
 PYTEST_WORKERS ?= 2
 test: setup lint
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check src tests bench

@@ -100,13 +100,14 @@ def few_epoch_data(small_corpus_dir: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.mark.parametrize("parallel", MODES)
 def test_rotation_tiers_and_best(few_epoch_data: Path, tmp_path: Path, parallel: str) -> None:
     suffix = checkpoint_suffix(parallel)
-    train(tmp_path, few_epoch_data, "--max_steps", "40", "--checkpoint_freq", "4", "--keep_rolling", "3",
+    # 28 steps: 7 rolling saves of which 3 stay, and more than 3 epochs of which 2 stay.
+    train(tmp_path, few_epoch_data, "--max_steps", "28", "--checkpoint_freq", "4", "--keep_rolling", "3",
           "--keep_epoch", "2", "--eval_freq", "2", "--parallel", parallel)
     ckpt = tmp_path / "ckpt"
     rolling = sorted(p.name for p in ckpt.glob(f"step_*{suffix}"))
-    assert rolling == [f"step_{step:08d}{suffix}" for step in (32, 36, 40)]
+    assert rolling == [f"step_{step:08d}{suffix}" for step in (20, 24, 28)]
     epochs = sorted(ckpt.glob(f"epoch_*{suffix}"))
-    assert len(epochs) == 2
+    assert [p.stem for p in epochs] == ["epoch_002", "epoch_003"]  # three epochs saved, the first rotated away
     final_epoch = load_checkpoint(ckpt / f"final{suffix}")["epoch"]
     assert [load_checkpoint(p)["epoch"] for p in epochs] == [final_epoch - 1, final_epoch]
     _, evals = read_metrics(tmp_path / "logs")

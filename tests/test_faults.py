@@ -203,8 +203,9 @@ def test_changed_block_size_on_resume_is_one_line(prepared_data: Path, tmp_path:
 def test_epochs_sized_horizon_survives_a_grown_dataset(small_corpus_dir: Path, tmp_path: Path) -> None:
     """A run sized by --epochs keeps its schedule's horizon when resumed after the dataset grew."""
     data = tmp_path / "data"
-    prepare_ok("--dataset", small_corpus_dir, "--out", data, "--val_tokens", "5000", "--max_tokens", "30000",
-               "--shard_tokens", "10000")
+    # 10,000 training tokens in shards of 4,000 (the last one partial): an epoch of 40 steps.
+    prepare_ok("--dataset", small_corpus_dir, "--out", data, "--val_tokens", "5000", "--max_tokens", "15000",
+               "--shard_tokens", "4000")
     args = [*TINY_FLAGS, *run_dirs(tmp_path, data), "--max_steps", "0", "--epochs", "1", "--eval_freq", "1000",
             "--checkpoint_freq", "1000"]
     proc = start(torchrun_cmd("train_improved.py", 2, args))
@@ -215,9 +216,9 @@ def test_epochs_sized_horizon_survives_a_grown_dataset(small_corpus_dir: Path, t
     finally:
         kill_tree(proc)
     planned = load_checkpoint(tmp_path / "ckpt" / "latest.pt")["scheduler"]["max_steps"]
-    assert planned == -(-25000 // 256)  # ceil(train tokens / tokens per step)
-    prepare_ok("--dataset", small_corpus_dir, "--out", data, "--val_tokens", "5000", "--max_tokens", "60000",
-               "--shard_tokens", "10000")  # the dataset doubles while the run is stopped
+    assert planned == -(-10000 // 256)  # ceil(train tokens / tokens per step)
+    prepare_ok("--dataset", small_corpus_dir, "--out", data, "--val_tokens", "5000", "--max_tokens", "30000",
+               "--shard_tokens", "4000")  # the dataset doubles while the run is stopped
     train(tmp_path, data, "--max_steps", "0", "--epochs", "1", "--eval_freq", "1000", "--checkpoint_freq", "1000",
           "--resume", "latest")
     final = load_checkpoint(tmp_path / "ckpt" / "final.pt")

@@ -32,7 +32,8 @@ from runs import (
     wait_gone,
 )
 
-STEPS = 30
+STEPS = 30  # the spike drill: skips at 20-25, rollbacks at 23 and 26
+PLAIN_STEPS = 20  # the runs without it
 SPIKE = ["--spike_window", "8", "--spike_zscore", "6", "--max_consecutive_skips", "3",
          "--inject_fault", "loss_spike@20-25"]
 
@@ -40,8 +41,8 @@ SPIKE = ["--spike_window", "8", "--spike_zscore", "6", "--max_consecutive_skips"
 MODES = ["ddp", "fsdp"]
 
 
-def _flags(*extra: str, parallel: str = "ddp") -> list[str]:
-    return ["--max_steps", str(STEPS), "--eval_freq", "10", "--checkpoint_freq", "5", "--keep_rolling", "20",
+def _flags(*extra: str, parallel: str = "ddp", steps: int = STEPS) -> list[str]:
+    return ["--max_steps", str(steps), "--eval_freq", "10", "--checkpoint_freq", "5", "--keep_rolling", "20",
             "--dropout", "0.1", "--use_tensorboard", "--parallel", parallel, *extra]
 
 
@@ -63,7 +64,9 @@ def uninterrupted(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory)
     def run(name: str, parallel: str) -> tuple[dict[int, float], Path]:
         if (name, parallel) not in made:
             tmp = tmp_path_factory.mktemp(f"uninterrupted_{name}_{parallel}")
-            train(tmp, prepared_data, *_flags(*(SPIKE if name == "spike" else []), parallel=parallel))
+            spike = name == "spike"
+            train(tmp, prepared_data, *_flags(*(SPIKE if spike else []), parallel=parallel,
+                                              steps=STEPS if spike else PLAIN_STEPS))
             made[name, parallel] = step_losses(tmp / "logs"), tmp
         return made[name, parallel]
 
@@ -74,7 +77,8 @@ def uninterrupted(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory)
 def test_elastic_restart_after_a_killed_worker_resumes_by_itself(prepared_data: Path, tmp_path: Path,
                                                                  uninterrupted, parallel: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           str(SRC / "train_improved.py"), *TINY_FLAGS, *run_dirs(tmp_path, prepared_data), *_flags(parallel=parallel)]
+           str(SRC / "train_improved.py"), *TINY_FLAGS, *run_dirs(tmp_path, prepared_data),
+           *_flags(parallel=parallel, steps=PLAIN_STEPS)]
     proc = start(cmd)
     try:
         wait_for_step(tmp_path / "logs", 12, proc)
@@ -86,11 +90,11 @@ def test_elastic_restart_after_a_killed_worker_resumes_by_itself(prepared_data: 
     assert proc.returncode == 0, stderr[-4000:]
     assert "elastic restart 1" in (tmp_path / "logs" / "log.txt").read_text()
     steps, _ = read_metrics(tmp_path / "logs")
-    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))  # no step twice, none missing
+    assert [r["step"] for r in steps] == list(range(1, PLAIN_STEPS + 1))  # no step twice, none missing
     losses = step_losses(tmp_path / "logs")
     reference, _ = uninterrupted("plain", parallel)
-    assert all(losses[s] == reference[s] for s in range(1, STEPS + 1))  # bit for bit
-    assert _tb_steps(tmp_path / "logs", "train/loss") == list(range(1, STEPS + 1))
+    assert all(losses[s] == reference[s] for s in range(1, PLAIN_STEPS + 1))  # bit for bit
+    assert _tb_steps(tmp_path / "logs", "train/loss") == list(range(1, PLAIN_STEPS + 1))
 
 
 @pytest.mark.parametrize("parallel", MODES)
@@ -134,9 +138,13 @@ def test_stop_and_resume_across_skips_and_a_rollback_is_exact(prepared_data: Pat
 
 
 def test_a_hung_rank_ends_the_run_and_resume_continues(prepared_data: Path, tmp_path: Path) -> None:
+    """Rank 1 hangs for good; rank 0's next collective times out (a step takes well under a second
+    here, so 10 s of silence is a hang, not a slow step) and ends the run; torchrun then SIGKILLs
+    the hung rank, which ignores its SIGTERM, after its fixed 30 s."""
     proc = start(torchrun_cmd("train_improved.py", 2, [*TINY_FLAGS, *run_dirs(tmp_path, prepared_data),
                                                        *_flags("--inject_fault", "hang@8:1",
-                                                               "--collective_timeout_s", "20")]))
+                                                               "--collective_timeout_s", "10",
+                                                               steps=PLAIN_STEPS)]))
     try:
         wait_for_step(tmp_path / "logs", 5, proc)
         tree = process_tree(proc)
@@ -151,7 +159,7 @@ def test_a_hung_rank_ends_the_run_and_resume_continues(prepared_data: Path, tmp_
     assert beats["0"]["phase"] == "failed" and beats["1"]["phase"] == "train"  # rank 1 went silent
     assert beats["1"]["step"] <= 7
     done = subprocess.run(torchrun_cmd("train_improved.py", 2, [*TINY_FLAGS, *run_dirs(tmp_path, prepared_data),
-                                                                *_flags("--resume", "latest")]),
+                                                                *_flags("--resume", "latest", steps=PLAIN_STEPS)]),
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert max(step_losses(tmp_path / "logs")) == STEPS
+    assert max(step_losses(tmp_path / "logs")) == PLAIN_STEPS

@@ -4,6 +4,7 @@ Under both `--parallel ddp` and `--parallel fsdp`. Checkpoint integrity and fall
 test_checkpoint_recovery.py."""
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from runs import (
 
 from common.checkpoint import validate_checkpoint
 
-STEPS = 30
+STEPS = 20  # stopped at step 6 or a little later: 12 or more steps after the resume to compare
 SCRIPTS = ["train_improved.py", "train_fp8.py"]
 MODES = ["ddp", "fsdp"]
 
@@ -39,7 +40,7 @@ DROPOUT = "0.1"  # exact resume must hold with random numbers drawn in every ste
 def _flags(script: str, *extra: str, dropout: str = DROPOUT, parallel: str = "ddp") -> list[str]:
     """The run every test here compares against (TINY_FLAGS and directories come on top)."""
     fp8 = ["--use_fp8"] if script == "train_fp8.py" else []  # falls back on this CPU machine
-    return ["--max_steps", str(STEPS), "--eval_freq", "10", "--checkpoint_freq", "1000", "--use_tensorboard",
+    return ["--max_steps", str(STEPS), "--eval_freq", "5", "--checkpoint_freq", "1000", "--use_tensorboard",
             "--dropout", dropout, "--parallel", parallel, *fp8, *extra]
 
 
@@ -108,7 +109,7 @@ def test_sigterm_to_torchrun_then_resume_is_bit_identical(prepared_data: Path, t
     events = tensorboard_events(tmp_path / "logs")
     for tag in ("train/loss", "train/lr", "train_perf/tokens_per_sec"):
         assert [e.step for e in events.Scalars(tag)] == list(range(1, STEPS + 1)), tag
-    assert [e.step for e in events.Scalars("val/loss")] == [10, 20, 30]
+    assert [e.step for e in events.Scalars("val/loss")] == [5, 10, 15, 20]  # before and after the stop
     tb_losses = {e.step: e.value for e in events.Scalars("train/loss")}
     assert all(tb_losses[s] == pytest.approx(losses[s]) for s in losses)
 
@@ -120,16 +121,34 @@ def no_dropout_reference(prepared_data: Path, tmp_path_factory: pytest.TempPathF
     return step_losses(ref_dir / "logs")
 
 
+@pytest.fixture(scope="module")
+def stopped_without_dropout(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """stopped(parallel, nproc): the directory (ckpt/, logs/) of a run without dropout that SIGTERM
+    stopped (made once per mode and world size, with _interrupt's checks); tests resume copies."""
+    made: dict[tuple[str, int], Path] = {}
+
+    def stopped(parallel: str, nproc: int) -> Path:
+        if (parallel, nproc) not in made:
+            tmp = tmp_path_factory.mktemp(f"stopped_{parallel}_{nproc}")
+            _interrupt(tmp, prepared_data, "train_improved.py", signal.SIGTERM, dropout="0", parallel=parallel,
+                       nproc=nproc)
+            made[parallel, nproc] = tmp
+        return made[parallel, nproc]
+
+    return stopped
+
+
 @pytest.mark.parametrize("stopped, resumed, stopped_nproc, nproc", [
     ("ddp", "ddp", 2, 1), ("fsdp", "fsdp", 2, 1), ("fsdp", "fsdp", 1, 2), ("fsdp", "ddp", 2, 2), ("ddp", "fsdp", 2, 2)])
 def test_stop_and_resume_on_another_world_size_or_mode(prepared_data: Path, tmp_path: Path, stopped: str,
                                                        resumed: str, stopped_nproc: int, nproc: int,
-                                                       no_dropout_reference: dict[int, float]) -> None:
+                                                       no_dropout_reference: dict[int, float],
+                                                       stopped_without_dropout) -> None:
     """A 2-rank run stopped and resumed on 1 rank (DCP reshards a sharded checkpoint), a 1-rank
     fsdp run resumed on 2, or a run resumed in the other mode. Without dropout (one rank draws
-    other masks than two): within fp32 noise of the uninterrupted 2-rank DDP run."""
-    _interrupt(tmp_path, prepared_data, "train_improved.py", signal.SIGTERM, dropout="0", parallel=stopped,
-               nproc=stopped_nproc)
+    other masks than two): within fp32 noise of the uninterrupted 2-rank DDP run. A stopped run
+    serves every case that resumes it (each resumes its own copy)."""
+    shutil.copytree(stopped_without_dropout(stopped, stopped_nproc), tmp_path, dirs_exist_ok=True)
     stopped_at = load_checkpoint(tmp_path / "ckpt" / f"latest{checkpoint_suffix(stopped)}")["step"]
     proc = train(tmp_path, prepared_data, *_flags("train_improved.py", "--resume", "latest", dropout="0",
                                                   parallel=resumed), nproc=nproc)
