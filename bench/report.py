@@ -57,6 +57,8 @@ def _overhead(r: Results) -> str:
              " / ".join(optional(x[side]["process"]["other_load_cores"], lambda v: num(v, 2))
                         for side in ("bare", "trainer"))]
             for i, x in enumerate(ov["rounds"])]
+    bare_medians = [x["bare"]["step_median_s"] for x in ov["rounds"]]
+    bare_drift = 100 * (max(bare_medians) / min(bare_medians) - 1)
     header = ["round", "order", "bare tok/s", "trainer tok/s", "overhead, end to end",
               f"median step + events every {f} steps", f"... every {p} steps", "others' load (cores), bare / trainer"]
     return f"""\
@@ -76,12 +78,19 @@ checkpoint ({med(ov['event_s'], 2, ' s')}: the time between two steps, row `time
 `step_time`, beyond the median such gap) divided by their frequency, against the bare loop's
 median step. Of that stall, the evaluation's forward passes took {med(ov['eval_s'], 2, ' s')} and the
 text sample {med(ov['sample_s'], 2, ' s')} (the trainer's own clock: metrics.jsonl `val_seconds`,
-samples.jsonl `seconds`), work the bare loop does not do; without them, the trainer's machinery
-(checkpoint snapshot, logging, signal agreement) costs {med(ov['machinery_pct'], 1, '%')} every {f} steps.
+samples.jsonl `seconds`), work the bare loop does not do. The rest of the stall,
+{med(ov['machinery_event_s'], 2, ' s')}, is the trainer's machinery at an event (checkpoint snapshot, logging,
+starting the charts' process); with the median step, the machinery costs
+{med(ov['machinery_pct'], 1, '%')} every {f} steps.
 Medians resist the bursts of a shared machine, but miss a cost that recurs less
 often than every other step, such as the async checkpoint's write competing with the next steps
 for the cores; the end-to-end figure (the window's means) holds all of it, bursts included:
 {med(ov['end_to_end_pct'], 1, '%')} every {f} steps.
+
+How far to trust the step figures: the bare loop's own median step differs by {num(bare_drift, 1, '%')} between
+its rounds here (the same program on the same data), so a per-step difference between the trainer
+and the bare loop smaller than that is noise, and a negative overhead means no measurable one.
+The stall of an event is measured within one process and is the steadier figure.
 """
 
 

@@ -114,11 +114,13 @@ def summarize_overhead(rounds: list[dict[str, Any]], features: list[str], mode: 
         r["preset_overhead_pct"] = per_step(r, PRESET_FREQ, t["event_s"])
         # The trainer's machinery alone: the events' stall without the evaluation's and the text
         # sample's own forward passes, work the bare loop does not do.
-        r["machinery_pct"] = per_step(r, mode["event_freq"], t["event_s"] - work_s)
+        r["machinery_event_s"] = t["event_s"] - work_s
+        r["machinery_pct"] = per_step(r, mode["event_freq"], r["machinery_event_s"])
     return {"features": features, "steps": mode["steps"], "warmup": mode["warmup"], "event_freq": mode["event_freq"],
             "preset_freq": PRESET_FREQ, "rounds": rounds,
             **{key: spread([r[key] for r in rounds]) for key in ("end_to_end_pct", "overhead_pct",
-                                                                 "preset_overhead_pct", "machinery_pct")},
+                                                                 "preset_overhead_pct", "machinery_pct",
+                                                                 "machinery_event_s")},
             **{key: spread([r["trainer"][key] or 0.0 for r in rounds]) for key in ("event_s", "eval_s", "sample_s")}}
 
 

@@ -137,7 +137,8 @@ def test_report_has_every_section_and_rejects_malformed_figures() -> None:
     assert ov["overhead_pct"]["median"] == pytest.approx(ov["end_to_end_pct"]["median"])  # canned: no noise
     # Without the evaluation's and sample's work (3/4 of each stall): (median + stall / 4 / 2) / bare - 1.
     assert [r["machinery_pct"] for r in ov["rounds"]] == pytest.approx([2.5, -3.125])
-    assert "costs -0.3%" in text and "forward passes took 0.01 s" in text
+    assert re.search(r"machinery costs\s+-0\.3%", text) and "forward passes took 0.01 s" in text
+    assert ov["machinery_event_s"]["median"] == pytest.approx((0.005 + 0.0025) / 2)
     assert "| fsdp / ddp |  |  |  | **0.50 (0.50..0.50)** | **0.60 (0.60..0.60)** |" in text
     targets = {t["target"]: t["met"] for t in results["targets"]}
     assert targets["fsdp parameters + gradients + optimizer state per rank <= 0.55x ddp's"] is True
