@@ -18,7 +18,9 @@ def two_rank_runs(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory)
     out = []
     for i in range(2):
         tmp = tmp_path_factory.mktemp(f"run{i}")
-        train(tmp, prepared_data, "--max_steps", str(STEPS), "--eval_freq", "5", "--checkpoint_freq", "100")
+        # Saves written in the loop, so log.txt shows the order of sample and save (see below).
+        train(tmp, prepared_data, "--max_steps", str(STEPS), "--eval_freq", "5", "--checkpoint_freq", "10",
+              "--async_checkpoint", "false")
         out.append(tmp)
     return out
 
@@ -41,6 +43,9 @@ def test_two_ranks_train_and_log_each_step_once(two_rank_runs: list[Path]) -> No
     assert len(ckpt["rng"]) == 2
     log_text = (tmp / "logs" / "log.txt").read_text()
     assert "world size 2 (gloo)" in log_text and "precision fp32" in log_text
+    # The sample is drawn before the save starts, so an async write does not compete with it
+    # (this run saves synchronously: its "saved" line marks where the save was called).
+    assert log_text.index("sample at step 10") < log_text.index("saved checkpoint step 10")
 
 
 def test_same_seed_same_losses(two_rank_runs: list[Path]) -> None:

@@ -695,12 +695,15 @@ class Trainer:
             tiers.add("epoch")  # an epoch ended inside this step (decided alike on every rank)
         if step == self.max_steps:
             tiers |= {"latest", "final"}
-        if tiers:
-            self.heartbeat.beat(step, "checkpoint")
-            self.save(tiers, wait="final" in tiers)
+        # The sample before the save: an async save's write then overlaps the next training steps
+        # instead of competing with the sample for the CPU (a 64-token sample on 2 cores: 0.62 s
+        # instead of 0.86 s, medians of 3 alternated runs).
         extras = bool(cfg.eval_freq and step % cfg.eval_freq == 0) or bool(cfg.viz_freq and step % cfg.viz_freq == 0)
         if extras:
             self._rank0_extras()
+        if tiers:
+            self.heartbeat.beat(step, "checkpoint")
+            self.save(tiers, wait="final" in tiers)
         return bool(tiers) or extras or hellaswag
 
     def _stall_message(self, err: BaseException) -> str:
