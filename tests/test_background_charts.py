@@ -99,3 +99,19 @@ def test_a_killed_trainer_takes_its_drawing_child_with_it(tmp_path: Path) -> Non
         for proc in psutil.process_iter(["cmdline"]):
             if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
                 proc.kill()
+
+
+def test_a_render_that_cannot_start_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter gone (e.g. a virtualenv removed under a long run): the remembered request
+    that close draws cannot start; a warning, and the run ends normally."""
+    write_run(tmp_path)
+    charts = BackgroundCharts(tmp_path)
+    charts.request()
+    charts.request()  # remembered while the first render runs
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with caplog.at_level(logging.WARNING, logger="common.background_charts"):
+        charts.close(wait=True)
+    assert charts.pid is None
+    assert any("could not start drawing the PNG charts" in r.message for r in caplog.records), caplog.text
+    assert (tmp_path / "plots" / OVERVIEW_FILE).exists()  # the first render finished

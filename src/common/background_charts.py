@@ -10,7 +10,9 @@ runs at the lowest CPU priority, so on a machine without a spare core it takes o
 - `close(wait=True)` (a run that finished) waits for the last render, so the final step's charts
   exist when the trainer exits; `close(wait=False)` (a run that is stopping: a scheduler's grace
   period is short) ends a running render instead.
-- The child dies with the trainer (Linux: PR_SET_PDEATHSIG), so a killed run leaves no process.
+- The child dies with the trainer (Linux: PR_SET_PDEATHSIG, which fires when the thread that
+  started the child ends: the trainer requests charts from its main thread), so a killed run
+  leaves no process.
 - A failed render logs a warning; a chart never ends a run.
 """
 from __future__ import annotations
@@ -24,8 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SRC_DIR = Path(__file__).resolve().parents[1]
-PLOT_SCRIPT = SRC_DIR / "plot_metrics.py"
+PLOT_SCRIPT = Path(__file__).resolve().parents[1] / "plot_metrics.py"  # puts its own src/ on sys.path
 LOWEST_PRIORITY = 19
 PARENT_ENV = "LLM_SUITE_CHART_PARENT"  # set for the child: the pid it must not outlive
 CLOSE_TIMEOUT_S = 120.0
@@ -69,18 +70,19 @@ class BackgroundCharts:
         if self._process is None:
             return
         if not wait:
-            self._end(self._process)
+            self._end()
             return
         try:
             self._process.wait(CLOSE_TIMEOUT_S)
             self._collect()
             if self._pending:
                 self._start()
-                self._process.wait(CLOSE_TIMEOUT_S)
-                self._collect()
+                if self._process is not None:
+                    self._process.wait(CLOSE_TIMEOUT_S)
+                    self._collect()
         except subprocess.TimeoutExpired:
             log.warning("the PNG charts took over %.0f s; stopped drawing them", CLOSE_TIMEOUT_S)
-            self._end(self._process)
+            self._end()
 
     def _running(self) -> bool:
         if self._process is None:
@@ -92,8 +94,7 @@ class BackgroundCharts:
 
     def _start(self) -> None:
         self._pending = False
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC_DIR), os.environ.get("PYTHONPATH")])),
-               PARENT_ENV: str(os.getpid())}
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
         try:
             self._process = subprocess.Popen([sys.executable, str(PLOT_SCRIPT), str(self.log_dir)], env=env,
                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -117,7 +118,8 @@ class BackgroundCharts:
                         f"exit status {self._process.returncode}")
         self._process = None
 
-    @staticmethod
-    def _end(process: subprocess.Popen[bytes]) -> None:
-        process.kill()
-        process.communicate()
+    def _end(self) -> None:
+        assert self._process is not None
+        self._process.kill()
+        self._process.communicate()
+        self._process = None
