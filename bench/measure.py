@@ -139,9 +139,10 @@ def probe_run(flags: Sequence[str], run_dir: Path, nproc: int) -> dict[str, Any]
 # --------------------------------------------------------------------------- the trainer
 
 def read_rows(log_dir: Path) -> list[dict[str, Any]]:
-    """The step rows of LOG_DIR/metrics.jsonl (evaluation rows, which carry val_loss, left out)."""
+    """The step rows of LOG_DIR/metrics.jsonl (those with a `step_time`: not the rows of an
+    evaluation or of an event such as a skipped step)."""
     rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return sorted((r for r in rows if "val_loss" not in r), key=lambda r: r["step"])
+    return sorted((r for r in rows if "step_time" in r), key=lambda r: r["step"])
 
 
 def step_window(rows: Sequence[dict[str, Any]], event_freq: int) -> dict[str, Any]:

@@ -53,14 +53,21 @@ def _overhead(r: Results) -> str:
     ov = r["overhead"]
     b0, f, p = ov["rounds"][0]["bare"], ov["event_freq"], ov["preset_freq"]
     rows = [[str(i + 1), x["order"], num(x["bare"]["tokens_per_sec"]), num(x["trainer"]["tokens_per_sec"]),
-             num(x["end_to_end_pct"], 1, "%"), num(x["overhead_pct"], 1, "%"), num(x["preset_overhead_pct"], 1, "%"),
+             num(x["overhead_pct"], 2, "%"), num(x["with_work_pct"], 1, "%"), num(x["median_step_pct"], 1, "%"),
+             num(x["end_to_end_pct"], 1, "%"),
              " / ".join(optional(x[side]["process"]["other_load_cores"], lambda v: num(v, 2))
                         for side in ("bare", "trainer"))]
             for i, x in enumerate(ov["rounds"])]
+    header = ["round", "order", "bare tok/s", "trainer tok/s", "trainer's overhead", "... with evaluation and sample",
+              "median step + events", "end to end", "others' load (cores), bare / trainer"]
+    fast_rows = [[str(i + 1), x["order"], num(1e3 * x["bare"]["step_median_s"], 1),
+                  num(1e3 * x["trainer"]["step_median_s"], 1), num(1e3 * x["extra_s"], 1)]
+                 for i, x in enumerate(ov["fast_rounds"])]
     bare_medians = [x["bare"]["step_median_s"] for x in ov["rounds"]]
     bare_drift = 100 * (max(bare_medians) / min(bare_medians) - 1)
-    header = ["round", "order", "bare tok/s", "trainer tok/s", "overhead, end to end",
-              f"median step + events every {f} steps", f"... every {p} steps", "others' load (cores), bare / trainer"]
+    fast_medians = [x["bare"]["step_median_s"] for x in ov["fast_rounds"]]
+    fast_drift_s = max(fast_medians) - min(fast_medians)
+    fast_tokens = ov["fast_rounds"][0]["bare"]["tokens_per_step"]
     return f"""\
 `src/train_improved.py` with every feature on against `bench/bare_loop.py`: the same model, data,
 batch ({num(b0['tokens_per_step'])} tokens), threads ({b0['threads']}) and precision ({b0['precision']}); the bare
@@ -70,27 +77,34 @@ metrics.jsonl, TensorBoard, the stop-signal check at every step, and every {f} s
 with a text sample and an async checkpoint. The trainer's seconds run between the `time` of its
 metrics.jsonl rows, so everything between steps counts.
 
-{table(header, rows)}
-**Overhead {med(ov['overhead_pct'], 1, '%')} with an evaluation and a checkpoint every {f} steps,
-{med(ov['preset_overhead_pct'], 1, '%')} every {p} steps** (configs/base.json's `eval_freq` and
-`checkpoint_freq`; the same runs): the trainer's median step, plus the stall of an evaluation and
-checkpoint ({med(ov['event_s'], 2, ' s')}: the time between two steps, row `time` minus the next row's
-`step_time`, beyond the median such gap) divided by their frequency, against the bare loop's
-median step. Of that stall, the evaluation's forward passes took {med(ov['eval_s'], 2, ' s')} and the
-text sample {med(ov['sample_s'], 2, ' s')} (the trainer's own clock: metrics.jsonl `val_seconds`,
-samples.jsonl `seconds`), work the bare loop does not do. The rest of the stall,
-{med(ov['machinery_event_s'], 2, ' s')}, is the trainer's machinery at an event (checkpoint snapshot, logging,
-starting the charts' process); with the median step, the machinery costs
-{med(ov['machinery_pct'], 1, '%')} every {f} steps.
-Medians resist the bursts of a shared machine, but miss a cost that recurs less
-often than every other step, such as the async checkpoint's write competing with the next steps
-for the cores; the end-to-end figure (the window's means) holds all of it, bursts included:
-{med(ov['end_to_end_pct'], 1, '%')} every {f} steps.
+**The trainer's overhead: {med(ov['overhead_pct'], 2, '%')} with an evaluation and a checkpoint every {f} steps,
+{med(ov['preset_overhead_pct'], 2, '%')} every {p} steps** (configs/base.json's `eval_freq` and `checkpoint_freq`).
+That is its extra time per step, {med(ov['step_extra_ms'], 1, ' ms')} (measured at fast steps, below),
+plus its machinery at an event, {med(ov['machinery_event_s'], 2, ' s')}, divided by the events' frequency,
+against the bare loop's median step. The machinery at an event is the event's stall
+({med(ov['event_s'], 2, ' s')}: the time between two steps, row `time` minus the next row's `step_time`,
+beyond the median such gap) without the evaluation's forward passes ({med(ov['eval_s'], 2, ' s')}) and the
+text sample's ({med(ov['sample_s'], 2, ' s')}), which the trainer times itself (metrics.jsonl `val_seconds`,
+samples.jsonl `seconds`): the checkpoint snapshot, logging, starting the charts' process.
+**With the evaluation and the sample**, work the run asks for and the bare loop does not do, the
+trainer costs {med(ov['with_work_pct'], 1, '%')} every {f} steps and
+{med(ov['preset_with_work_pct'], 1, '%')} every {p}.
 
-How far to trust the step figures: the bare loop's own median step differs by {num(bare_drift, 1, '%')} between
-its rounds here (the same program on the same data), so a per-step difference between the trainer
-and the bare loop smaller than that is noise, and a negative overhead means no measurable one.
-The stall of an event is measured within one process and is the steadier figure.
+{table(header, rows)}
+The trainer's extra time per step, from the bare loop and the trainer at steps of
+{num(fast_tokens)} tokens (`{' '.join(ov['fast_model'])}`: the same parameters, so the same
+optimizer step and gradient clipping), with the same per-step features on and no evaluation or
+checkpoint ({ov['fast_steps']} steps, the first {ov['fast_warmup']} left out; median step, ms):
+
+{table(["round", "order", "bare", "trainer", "trainer - bare"], fast_rows)}
+Why not simply compare the median steps: the bare loop's own median step differs by
+{num(bare_drift, 1, '%')} between its rounds here (the same program on the same data: this machine's
+speed drifts from minute to minute), so the direct comparisons in the
+table (the trainer's median step plus its events' stall, and the window's means end to end,
+bursts included) cannot tell a per-step difference smaller than that from noise. At fast
+steps the bare loop's median differs by {num(1e3 * fast_drift_s, 1)} ms between rounds,
+{num(100 * fast_drift_s / min(bare_medians), 2, '%')} of a full step; the stall of an event is measured within one
+process.
 """
 
 
