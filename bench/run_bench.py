@@ -45,7 +45,9 @@ QUICK_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_siz
                "--total_batch_size", "64", "--cpu_threads", "1"]
 SMALL_BATCH = ["--block_size", "64", "--batch_size", "1", "--total_batch_size", "64"]  # a save's cost, fast steps
 # Steps of 16 tokens: the same parameters (so the same optimizer step and gradient clipping), so
-# little compute that the trainer's own per-step work stands out of the machine's noise.
+# little compute that the trainer's own per-step work stands out of the machine's noise. A process
+# here may run all its steps at one of two speeds (about 35 or 58 ms a step for the same bare loop,
+# steady within the process): hence more rounds, and the median process of each side.
 FAST_STEP = ["--block_size", "16", "--batch_size", "1", "--total_batch_size", "16"]
 
 # Steps are optimizer steps; the first `warmup` are left out of every rate. The overhead window
@@ -54,7 +56,7 @@ MODES: dict[str, dict[str, Any]] = {
     "full": {
         "model": [], "steps": 55, "warmup": 5, "event_freq": 50, "repeats": 3, "resume_steps": 3,
         "eval_batches": 4, "sample_tokens": 64, "peak_n": 2048, "loader_batches": 2000,
-        "fast_model": FAST_STEP, "fast_steps": 300, "fast_warmup": 20,
+        "fast_model": FAST_STEP, "fast_steps": 150, "fast_warmup": 20, "fast_repeats": 6,
         "checkpoint_models": [("the overhead model", SMALL_BATCH),
                               ("~25M", ["--n_layer", "4", "--n_head", "6", "--n_embd", "384", *SMALL_BATCH])],
         "checkpoint_steps": 32, "checkpoint_freq": 10, "checkpoint_repeats": 2, "prepare_tokens": 3_000_000,
@@ -68,7 +70,7 @@ MODES: dict[str, dict[str, Any]] = {
         "model": QUICK_MODEL, "steps": 16, "warmup": 2, "event_freq": 7, "repeats": 2, "resume_steps": 2,
         "eval_batches": 2, "sample_tokens": 8, "peak_n": 1024, "loader_batches": 300,
         "fast_model": ["--block_size", "8", "--batch_size", "1", "--total_batch_size", "8"], "fast_steps": 60,
-        "fast_warmup": 10,
+        "fast_warmup": 10, "fast_repeats": 2,
         "checkpoint_models": [("the overhead model", [])],
         "checkpoint_steps": 8, "checkpoint_freq": 3, "checkpoint_repeats": 2, "prepare_tokens": 1_000_000,
         "variant_steps": 8, "budget_mb": 700, "budget_max_batch": 32,
@@ -121,19 +123,19 @@ def fast_step_rounds(mode: dict[str, Any], model_flags: list[str], work: Path) -
         ("bare", lambda i: measure.bare_run(flags, warmup, work / f"bare_{i}", peak_n=256, loader_batches=10)),
         ("trainer", lambda i: measure.trainer_run([*flags, *per_step], work / f"trainer_{i}", "fast", warmup=warmup,
                                                   event_freq=steps + 1)),
-    ], mode["repeats"])
+    ], mode["fast_repeats"])
 
 
 def summarize_overhead(rounds: list[dict[str, Any]], fast_rounds: list[dict[str, Any]], features: list[str],
                        mode: dict[str, Any]) -> dict[str, Any]:
     """The trainer's overhead: its extra seconds per step (at fast steps, where they stand out of
-    the noise) plus its machinery at an event spread over the events' frequency, against the bare
+    the noise: the median trainer process's median step minus the median bare process's) plus its
+    machinery at an event spread over the events' frequency, against the bare
     loop's median step; also with the evaluation's and sample's forward passes, and, per round,
     the direct comparisons (end to end, and median step plus events), which carry the noise of
     two processes."""
-    for r in fast_rounds:
-        r["extra_s"] = r["trainer"]["step_median_s"] - r["bare"]["step_median_s"]
-    extra_s = statistics.median(r["extra_s"] for r in fast_rounds)
+    extra_s = (statistics.median(r["trainer"]["step_median_s"] for r in fast_rounds)
+               - statistics.median(r["bare"]["step_median_s"] for r in fast_rounds))
     for r in rounds:
         t, bare_s = r["trainer"], r["bare"]["step_median_s"]
         # The evaluation's and the sample's own forward passes: work the run asks for, which the
@@ -155,7 +157,7 @@ def summarize_overhead(rounds: list[dict[str, Any]], fast_rounds: list[dict[str,
     return {"features": features, "steps": mode["steps"], "warmup": mode["warmup"], "event_freq": mode["event_freq"],
             "preset_freq": PRESET_FREQ, "rounds": rounds, "fast_rounds": fast_rounds,
             "fast_steps": mode["fast_steps"], "fast_warmup": mode["fast_warmup"], "fast_model": mode["fast_model"],
-            "step_extra_ms": spread([1e3 * r["extra_s"] for r in fast_rounds]),
+            "step_extra_ms": 1e3 * extra_s,
             **{key: spread([r[key] for r in rounds]) for key in per_round},
             **{key: spread([r["trainer"][key] or 0.0 for r in rounds]) for key in ("event_s", "eval_s", "sample_s")}}
 
