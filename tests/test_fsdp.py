@@ -89,15 +89,6 @@ def same_state(a: tuple[GPT, torch.optim.Optimizer], b: tuple[GPT, torch.optim.O
     return weights and moments and len(opt_a.state) == len(opt_b.state)
 
 
-def test_only_fsdp_pays_for_importing_dcp() -> None:
-    """The trainer imports torch.distributed.checkpoint (about 0.9 s at every rank's start) only
-    when a run is sharded: importing the trainer and its helpers leaves it out."""
-    code = ("import sys; import common.trainer, common.parallel, common.checkpoint; "
-            "print('torch.distributed.checkpoint' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], env=env(), cwd=SRC, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
 def test_a_dcp_save_is_a_directory_of_hashed_parts_under_every_name(tmp_path: Path) -> None:
     ck = checkpointer(tmp_path)
     source = trained(seed=1)

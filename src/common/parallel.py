@@ -29,12 +29,20 @@ from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.dist import DistContext
 
 log = logging.getLogger(__name__)
 
+_FULL = StateDictOptions(full_state_dict=True)  # every rank holds the whole state; each keeps its part
 
 # FSDP2 warns when the root returns a view (the GPT's logits are a slice). The trainer never
 # changes the logits in place, which is what the warning is about.
@@ -146,16 +154,11 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) ->
 
 # ----------------------------------------------------------------------------- state
 
-# DCP's state-dict API is imported inside the functions that need it, for sharded models only:
-# importing it costs about 0.9 s at every rank's start, which ddp and single-process runs never use.
-
 def checkpoint_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool,
                        ) -> dict[str, Any]:
     """{"model", "optimizer"} for a checkpoint: DCP state dicts (this rank's shards, keyed by
     name) when `sharded`, else the ordinary state dicts (full tensors)."""
     if sharded:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         model_state, optimizer_state = get_state_dict(model, optimizer)
         return {"model": model_state, "optimizer": optimizer_state}
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -179,10 +182,8 @@ def load_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, check
     if not is_sharded(model):
         optimizer.load_state_dict(checkpoint["optimizer"])
         return
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
     names = get_optimizer_state_dict(model, optimizer)["param_groups"]
-    set_optimizer_state_dict(model, optimizer, by_name(checkpoint["optimizer"], names), options=_full_state())
+    set_optimizer_state_dict(model, optimizer, by_name(checkpoint["optimizer"], names), options=_FULL)
 
 
 def load_full_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
@@ -191,16 +192,7 @@ def load_full_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
     if not is_sharded(model):
         model.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    set_model_state_dict(model, dict(state), options=_full_state())
-
-
-def _full_state() -> Any:
-    """DCP's option for full state dicts: every rank holds the whole state and keeps its part."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, dict(state), options=_FULL)
 
 
 def by_name(optimizer_state: Mapping[str, Any], named_groups: list[dict[str, Any]]) -> dict[str, Any]:

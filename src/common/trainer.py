@@ -34,6 +34,7 @@ from common.background_charts import BackgroundCharts
 from common.checkpoint import Checkpointer, estimate_state_bytes, validate_checkpoint
 from common.config import C, TrainConfig, config_to_dict, git_commit, handle_config_actions, parse_args
 from common.data import DatasetIndex, ShardedTrainLoader, ValReader
+from common.dcp_checkpoint import DCPCheckpointer
 from common.dist import (
     DistContext,
     all_gather_objects,
@@ -195,7 +196,11 @@ class Trainer:
                                          micro_batch_size=cfg.batch_size, grad_accum_steps=self.grad_accum,
                                          rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
                                          device=ctx.device, vocab_size=cfg.vocab_size, ctx=ctx)
-        self.checkpointer = self._make_checkpointer(cfg, ctx)
+        self.checkpointer = DCPCheckpointer(cfg.checkpoint_dir, ctx=ctx, keep_rolling=cfg.keep_rolling,
+                                            keep_epoch=cfg.keep_epoch, async_save=cfg.async_checkpoint) \
+            if cfg.parallel == "fsdp" else \
+            Checkpointer(cfg.checkpoint_dir, keep_rolling=cfg.keep_rolling, keep_epoch=cfg.keep_epoch,
+                         async_save=cfg.async_checkpoint, enabled=ctx.is_main)
         self.guard = SpikeGuard(zscore=cfg.spike_zscore, window=cfg.spike_window, device=ctx.device)
         self.recovery = Recovery(cfg.max_consecutive_skips, cfg.max_rollbacks)
         self.agreement = StepAgreement(ctx)
@@ -271,18 +276,6 @@ class Trainer:
                                                                                               verified))
         if ckpt.get("guard"):
             self.guard.load_state_dict(ckpt["guard"])
-
-    @staticmethod
-    def _make_checkpointer(cfg: TrainConfig, ctx: DistContext) -> Checkpointer:
-        """Under fsdp every rank writes its shards (DCP); otherwise rank 0 writes one file. DCP is
-        imported only here: the import costs about 0.9 s at every rank's start."""
-        if cfg.parallel == "fsdp":
-            from common.dcp_checkpoint import DCPCheckpointer
-
-            return DCPCheckpointer(cfg.checkpoint_dir, ctx=ctx, keep_rolling=cfg.keep_rolling,
-                                   keep_epoch=cfg.keep_epoch, async_save=cfg.async_checkpoint)
-        return Checkpointer(cfg.checkpoint_dir, keep_rolling=cfg.keep_rolling, keep_epoch=cfg.keep_epoch,
-                            async_save=cfg.async_checkpoint, enabled=ctx.is_main)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         use_compile = self.cfg.compile if self.cfg.compile is not None else self.ctx.device.type == "cuda"
