@@ -145,15 +145,14 @@ def summarize_overhead(rounds: list[dict[str, Any]], fast_rounds: list[dict[str,
         def pct(event_s: float, freq: int, bare_s: float = bare_s) -> float:
             return 100 * (extra_s + event_s / freq) / bare_s
 
-        r["step_extra_pct"] = 100 * extra_s / bare_s
         r["overhead_pct"] = pct(r["machinery_event_s"], mode["event_freq"])
         r["preset_overhead_pct"] = pct(r["machinery_event_s"], PRESET_FREQ)
         r["with_work_pct"] = pct(t["event_s"], mode["event_freq"])
         r["preset_with_work_pct"] = pct(t["event_s"], PRESET_FREQ)
         r["end_to_end_pct"] = 100 * (t["step_s"] / r["bare"]["step_s"] - 1)
         r["median_step_pct"] = 100 * ((t["step_median_s"] + t["event_s"] / mode["event_freq"]) / bare_s - 1)
-    per_round = ("overhead_pct", "preset_overhead_pct", "with_work_pct", "preset_with_work_pct", "step_extra_pct",
-                 "end_to_end_pct", "median_step_pct", "machinery_event_s")
+    per_round = ("overhead_pct", "preset_overhead_pct", "with_work_pct", "preset_with_work_pct", "end_to_end_pct",
+                 "median_step_pct", "machinery_event_s")
     return {"features": features, "steps": mode["steps"], "warmup": mode["warmup"], "event_freq": mode["event_freq"],
             "preset_freq": PRESET_FREQ, "rounds": rounds, "fast_rounds": fast_rounds,
             "fast_steps": mode["fast_steps"], "fast_warmup": mode["fast_warmup"], "fast_model": mode["fast_model"],

@@ -66,8 +66,6 @@ def canned_results(rounds: list[dict[str, Any]] | None = None, mode: dict[str, A
     # At fast steps the median trainer process takes 2 ms longer than the median bare process.
     fast = [{"order": "bare trainer", "bare": _bare(0.010), "trainer": _trainer(0.011, 0.0)},
             {"order": "trainer bare", "bare": _bare(0.012), "trainer": _trainer(0.015, 0.0)}]
-    for r in fast:
-        r["trainer"]["step_median_s"] = r["trainer"]["step_s"]
     ov = run_bench.summarize_overhead(rounds, fast, ["--use_tensorboard", "true"], mode)
     ckpt_rounds = [{"order": "async sync", "async": _trainer(0.1, 0.01), "sync": _trainer(0.12, 0.2)}]
     results = {

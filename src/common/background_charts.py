@@ -73,13 +73,10 @@ class BackgroundCharts:
             self._end()
             return
         try:
-            self._process.wait(CLOSE_TIMEOUT_S)
-            self._collect()
+            self._wait_for_render()
             if self._pending:
                 self._start()
-                if self._process is not None:
-                    self._process.wait(CLOSE_TIMEOUT_S)
-                    self._collect()
+                self._wait_for_render()
         except subprocess.TimeoutExpired:
             log.warning("the PNG charts took over %.0f s; stopped drawing them", CLOSE_TIMEOUT_S)
             self._end()
@@ -107,6 +104,11 @@ class BackgroundCharts:
             os.setpriority(os.PRIO_PROCESS, self._process.pid, LOWEST_PRIORITY)
         except (OSError, AttributeError):  # not permitted, or no setpriority (Windows)
             pass
+
+    def _wait_for_render(self) -> None:
+        if self._process is not None:  # None: the render could not start
+            self._process.wait(CLOSE_TIMEOUT_S)
+            self._collect()
 
     def _collect(self) -> None:
         """Read a finished render's outcome; warn when it failed."""
